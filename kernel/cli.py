@@ -1,0 +1,195 @@
+"""``anima-gateway``: run the gateway, call a method, list plugins.
+
+Sub-commands that talk to a running gateway read the token from ``--token``, then
+``ANIMA_GATEWAY_TOKEN``, then the token file in the state directory, so that an operator on
+the gateway's own machine never has to copy it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from .auth import TOKEN_FILE_NAME
+from .client import HandshakeRefused, open_client
+from .config import default_state_dir
+from .errors import GatewayError
+from .gateway import Gateway, GatewayStartupError
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "ws://127.0.0.1:18789"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anima-gateway", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("ANIMA_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start the gateway")
+    run.add_argument("--config", type=Path, help="config file (default <state>/config.toml)")
+    run.add_argument("--state-dir", type=Path, help="state directory (default ~/.anima)")
+    run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port to listen on (default 18789)")
+
+    call = commands.add_parser("call", help="call a method on a running gateway")
+    call.add_argument("method")
+    call.add_argument("--params", default="{}", help="params as a JSON object")
+    _client_options(call)
+
+    plugins = commands.add_parser("plugins", help="list the plugins found")
+    plugins.add_argument("--config", type=Path)
+    plugins.add_argument("--state-dir", type=Path)
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("ANIMA_GATEWAY_URL", DEFAULT_URL))
+    parser.add_argument("--token", help="shared token (default: env, then the token file)")
+    parser.add_argument("--password", default=os.environ.get("ANIMA_GATEWAY_PASSWORD"))
+    parser.add_argument("--state-dir", type=Path)
+
+
+def resolve_token(explicit: str | None, state_dir: Path | None) -> str | None:
+    if explicit:
+        return explicit
+    if os.environ.get("ANIMA_GATEWAY_TOKEN"):
+        return os.environ["ANIMA_GATEWAY_TOKEN"]
+    try:
+        return ((state_dir or default_state_dir()) / TOKEN_FILE_NAME).read_text().strip()
+    except OSError:
+        return None
+
+
+def _print_first_screen(gateway: Gateway) -> None:
+    auth = gateway.auth
+    host = gateway.config.gateway.host
+    lines = [
+        "ANIMA gateway " + gateway.services.info.version,
+        f"  url:      ws://{host}:{gateway.port}",
+        f"  auth:     {auth.mode}",
+    ]
+    if auth.token_file is not None:
+        made = " (generated now)" if auth.token_generated else ""
+        lines.append(f"  token:    in {auth.token_file}{made}")
+    elif auth.mode == "token":
+        lines.append("  token:    from ANIMA_GATEWAY_TOKEN or gateway.auth.token")
+    lines.append(f"  state:    {gateway.state_dir}")
+    lines.append(f"  config:   {gateway.config_path}")
+    loaded = [i.name for i in gateway.plugin_infos if i.state == "loaded"]
+    lines.append("  plugins:  " + (", ".join(loaded) or "none"))
+    for info in gateway.plugin_infos:
+        if info.state != "loaded":
+            lines.append(f"  ({info.name}: {info.state}{': ' + info.error if info.error else ''})")
+    lines.append("  try:      anima-gateway call health")
+    print("\n".join(lines), flush=True)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    gateway = Gateway(
+        state_dir=args.state_dir, config_path=args.config, host=args.host, port=args.port
+    )
+    try:
+        gateway.prepare()
+    except GatewayStartupError as exc:
+        print(f"anima-gateway: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(gateway.serve)
+        except (GatewayStartupError, OSError) as exc:
+            print(f"anima-gateway: cannot start: {exc}", file=sys.stderr)
+            return 2
+        _print_first_screen(gateway)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                logger.info("signal %s: shutting down", signal.Signals(received).name)
+                gateway.request_shutdown()
+                break
+    return 0
+
+
+async def _call(args: argparse.Namespace) -> int:
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        print(f"anima-gateway: --params is not JSON: {exc}", file=sys.stderr)
+        return 2
+    token = resolve_token(args.token, args.state_dir)
+    try:
+        async with open_client(args.url, token=token, password=args.password) as client:
+            payload = await client.call(args.method, params)
+    except HandshakeRefused as exc:
+        print(f"anima-gateway: connect refused: {exc}", file=sys.stderr)
+        return 1
+    except GatewayError as exc:
+        print(
+            json.dumps(
+                {
+                    "code": exc.code,
+                    "reason": exc.reason,
+                    "message": exc.message,
+                    "details": exc.details,
+                }
+            ),
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"anima-gateway: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(payload, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    gateway = Gateway(state_dir=args.state_dir, config_path=args.config)
+    try:
+        gateway.prepare()
+    except GatewayStartupError as exc:
+        print(f"anima-gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(msgspec.json.encode(gateway.plugin_infos).decode())
+        return 0
+    for info in gateway.plugin_infos:
+        state = "enabled" if info.enabled else "disabled"
+        if info.state == "failed":
+            state = f"failed: {info.error}"
+        print(f"{info.name} {info.version} ({state})")
+        print(f"  methods: {', '.join(info.methods) or '-'}")
+        print(f"  events:  {', '.join(info.events) or '-'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    commands: dict[str, Any] = {
+        "run": lambda: trio.run(_run, args),
+        "call": lambda: trio.run(_call, args),
+        "plugins": lambda: _plugins(args),
+    }
+    return commands[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The gateway: loads plugins and config, opens the store, serves WebSockets, shuts down.
+
+``Gateway.serve`` is the one entry point; the CLI and embedding hosts both use it (through
+``serve_gateway`` or ``open_gateway`` in ``kernel.embed``). It reports readiness through
+``task_status`` once the listening port is known, so port 0 works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pluggy
+import trio
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from .auth import SharedSecretAuth
+from .config import (
+    ConfigError,
+    LoadedConfig,
+    default_state_dir,
+    plugin_flags,
+    read_config_document,
+    validate_config,
+)
+from .connection import CLOSE_RESTART, Connection
+from .events import EventBus
+from .handshake import run_handshake
+from .idempotency import IdempotencyCache
+from .jobs import JobRegistry
+from .locality import parse_trusted_proxies, resolve_client
+from .plugins import (
+    PluginInfo,
+    PluginLoadError,
+    PluginTables,
+    build_tables,
+    create_plugin_manager,
+    load_plugins,
+)
+from .services import Clock, ConfigService, Connections, GatewayInfo, Services
+from .specs import EventSpec, MethodSpec
+from .store import Store
+
+__all__ = ["Gateway", "GatewayStartupError", "gateway_version"]
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "gateway.sqlite3"
+CONFIG_NAME = "config.toml"
+
+
+class GatewayStartupError(Exception):
+    """The gateway cannot start; the message says why and what to change."""
+
+
+def gateway_version() -> str:
+    if os.environ.get("ANIMA_VERSION"):
+        return os.environ["ANIMA_VERSION"]
+    try:
+        return metadata.version("anima-gateway")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+class Gateway:
+    """One gateway instance.
+
+    :param state_dir: where the config, token and database live (default ``$ANIMA_STATE_DIR``
+        or ``~/.anima``).
+    :param config_path: the config file (default ``<state_dir>/config.toml``).
+    :param plugins: plugin objects by name, registered in addition to (or, with
+        ``use_entry_points=False``, instead of) the installed ones.
+    :param host: overrides ``gateway.host``.
+    :param port: overrides ``gateway.port``; 0 picks a free port.
+    """
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path | None = None,
+        config_path: Path | None = None,
+        plugins: Mapping[str, object] | None = None,
+        use_entry_points: bool = True,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.config_path = Path(config_path) if config_path else self.state_dir / CONFIG_NAME
+        self._extra_plugins = dict(plugins or {})
+        self._use_entry_points = use_entry_points
+        self._host_override = host
+        self._port_override = port
+
+        self.hostname = socket.gethostname()
+        self.port: int | None = None
+        self.plugin_infos: list[PluginInfo] = []
+        self.methods: dict[str, MethodSpec] = {}
+        self.events: dict[str, EventSpec] = {}
+        self.idempotency = IdempotencyCache()
+        self.connections: dict[str, Connection] = {}
+
+        self._stop_requested = trio.Event()
+        self._stop_reason = "gateway stopping"
+        self._restart_expected_ms: int | None = None
+        self._stopping = False
+        self._manager: pluggy.PluginManager | None = None
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load plugins and validate the config; raise ``GatewayStartupError`` if unusable.
+
+        Separate from ``serve`` so that ``anima-gateway plugins`` can inspect without serving.
+        """
+        try:
+            raw = read_config_document(self.config_path)
+            disabled, required = plugin_flags(raw)
+            manager = create_plugin_manager()
+            self.plugin_infos = load_plugins(
+                manager,
+                disabled=disabled,
+                required=required,
+                extra=self._extra_plugins,
+                use_entry_points=self._use_entry_points,
+            )
+            tables = build_tables(manager, self.plugin_infos, required=required)
+            loaded = validate_config(raw, tables.schemas)
+        except (ConfigError, PluginLoadError) as exc:
+            raise GatewayStartupError(str(exc)) from exc
+
+        loaded = self._apply_overrides(loaded)
+        self._manager, self._tables, self._loaded = manager, tables, loaded
+        self.methods, self.events = tables.methods, tables.events
+
+    def _apply_overrides(self, loaded: LoadedConfig) -> LoadedConfig:
+        changes: dict[str, Any] = {}
+        if self._host_override is not None:
+            changes["host"] = self._host_override
+        if self._port_override is not None:
+            changes["port"] = self._port_override
+        if changes:
+            loaded.gateway = msgspec.structs.replace(loaded.gateway, **changes)
+        return loaded
+
+    @property
+    def config(self) -> LoadedConfig:
+        return self.services.config.current
+
+    @property
+    def manager(self) -> pluggy.PluginManager:
+        assert self._manager is not None, "prepare() first"
+        return self._manager
+
+    async def _open_services(self) -> None:
+        from .auth import StartupRefused
+
+        gateway_config = self._loaded.gateway
+        try:
+            self.auth = SharedSecretAuth(gateway_config, self.state_dir)
+            self.trusted_proxies = parse_trusted_proxies(gateway_config.trusted_proxies)
+        except (StartupRefused, ValueError) as exc:
+            raise GatewayStartupError(str(exc)) from exc
+
+        store = Store(self.state_dir / DATABASE_NAME)
+        await store.open()
+        tables: PluginTables = self._tables
+        for owner, schema in tables.store_schemas.items():
+            try:
+                await store.migrate(schema.owner or owner, schema.migrations)
+            except Exception as exc:
+                await store.aclose()
+                raise GatewayStartupError(f"plugin {owner}: {exc}") from exc
+
+        self.jobs = JobRegistry()
+        self.services = Services(
+            info=GatewayInfo(
+                version=gateway_version(),
+                state_dir=self.state_dir,
+                config_path=self.config_path,
+                started_at_ms=Clock().now_ms(),
+                host=self.hostname,
+            ),
+            config=ConfigService(
+                self.config_path, self._loaded, tables.schemas, self._config_changed
+            ),
+            store=store,
+            events=EventBus(tables.events, self.connections),
+            jobs=self.jobs,
+            connections=Connections(self.connections),
+            clock=Clock(),
+            hook=self.manager.hook,
+            plugins=tuple(self.plugin_infos),
+        )
+
+    def _start_plugins(self, nursery: trio.Nursery) -> None:
+        required = self._loaded.required
+        for impl in self.manager.hook.anima_startup.get_hookimpls():
+            try:
+                impl.function(**_subset(impl, services=self.services, nursery=nursery))
+            except Exception as exc:
+                if impl.plugin_name in required:
+                    raise GatewayStartupError(
+                        f"required plugin {impl.plugin_name} failed to start: {exc}"
+                    ) from exc
+                logger.exception("plugin %s failed to start and is left out", impl.plugin_name)
+                for info in self.plugin_infos:
+                    if info.name == impl.plugin_name:
+                        info.state, info.error = "failed", f"anima_startup: {exc}"
+                self._tables.drop_plugin(impl.plugin_name)
+                self.manager.unregister(name=impl.plugin_name)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED):
+        """Run until ``request_shutdown`` is called or the surrounding scope is cancelled."""
+        if self._manager is None:
+            self.prepare()
+        await self._open_services()
+        limits = self._loaded.gateway.limits
+        try:
+            async with trio.open_nursery() as background:
+                self.services.nursery = background
+                self.jobs.attach(background)
+                self._start_plugins(background)
+                background.start_soon(self._tick_loop)
+                async with trio.open_nursery() as handlers:
+                    server = await handlers.start(
+                        partial(
+                            serve_websocket,
+                            self._handle,
+                            self._loaded.gateway.host,
+                            self._loaded.gateway.port,
+                            None,
+                            handler_nursery=handlers,
+                            max_message_size=limits.max_payload,
+                        )
+                    )
+                    self.port = server.port
+                    logger.info(
+                        "gateway listening",
+                        extra={"host": self._loaded.gateway.host, "port": self.port},
+                    )
+                    task_status.started(self)
+                    await self._stop_requested.wait()
+                    await self._drain()
+                    handlers.cancel_scope.cancel()
+                self.call_each("anima_shutdown", services=self.services)
+                background.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.services.store.aclose()
+
+    def request_shutdown(
+        self, reason: str = "gateway stopping", restart_expected_ms: int | None = None
+    ) -> None:
+        """Ask for a graceful stop: ``shutdown`` event, grace period, close 1012."""
+        self._stop_reason = reason
+        self._restart_expected_ms = restart_expected_ms
+        self._stop_requested.set()
+
+    async def _drain(self) -> None:
+        self._stopping = True
+        payload: dict[str, Any] = {"reason": self._stop_reason}
+        if self._restart_expected_ms is not None:
+            payload["restartExpectedMs"] = self._restart_expected_ms
+        self.services.events.emit("shutdown", payload)
+
+        grace_s = self._loaded.gateway.limits.shutdown_grace_ms / 1000
+        with trio.move_on_after(grace_s):
+            for connection in list(self.connections.values()):
+                await connection.idle.wait()
+        for connection in list(self.connections.values()):
+            connection.close_soon(CLOSE_RESTART, "service restart")
+        with trio.move_on_after(2):
+            while self.connections:
+                await trio.sleep(0.01)
+
+    async def _tick_loop(self) -> None:
+        interval_s = self._loaded.gateway.limits.tick_interval_ms / 1000
+        while True:
+            await trio.sleep(interval_s)
+            self.services.events.emit("tick", {"ts": self.services.clock.now_ms()})
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        if self._stopping or len(self.connections) >= self._loaded.gateway.limits.max_connections:
+            await request.reject(503, body=b"gateway unavailable")
+            return
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in request.headers
+        }
+        # wsproto takes Host out of the header list into the request event; locality and
+        # origin checks need it back, and trio-websocket has no public accessor for it.
+        host = getattr(getattr(request, "_event", None), "host", None)
+        if host:
+            headers["host"] = host
+        remote = request.remote
+        peer_ip = getattr(remote, "address", None) or str(remote)
+        client = resolve_client(str(peer_ip), headers, self.trusted_proxies)
+        ws = await request.accept()
+        connection = await run_handshake(self, ws, client, headers)
+        if connection is None:
+            return
+        try:
+            await connection.run()
+        finally:
+            self.forget(connection)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def register(self, connection: Connection) -> None:
+        self.connections[connection.info.conn_id] = connection
+        self.call_each("anima_client_connected", services=self.services, connection=connection.info)
+
+    def forget(self, connection: Connection) -> None:
+        if self.connections.pop(connection.info.conn_id, None) is None:
+            return
+        self.jobs.cancel_owned_by(connection.info.conn_id)
+        self.call_each(
+            "anima_client_disconnected", services=self.services, connection=connection.info
+        )
+
+    def snapshot_for(self, info: Any) -> dict[str, Any]:
+        snapshot: dict[str, Any] = {}
+        for plugin, contribution in self.call_each(
+            "anima_hello_snapshot", services=self.services, connection=info
+        ):
+            for key, value in (contribution or {}).items():
+                if key in snapshot:
+                    logger.error("plugin %s: snapshot key %r is taken", plugin, key)
+                    continue
+                snapshot[key] = value
+        snapshot["uptimeMs"] = self.services.clock.now_ms() - self.services.info.started_at_ms
+        snapshot["authMode"] = self.auth.mode
+        return snapshot
+
+    def _config_changed(self, changed: list[str]) -> None:
+        self.call_each("anima_config_changed", services=self.services, changed=changed)
+
+    def call_each(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call a hook plugin by plugin, so one plugin's exception spares the others."""
+        results = []
+        for impl in getattr(self.manager.hook, hook).get_hookimpls():
+            try:
+                results.append((impl.plugin_name, impl.function(**_subset(impl, **kwargs))))
+            except Exception:
+                logger.exception("plugin %s: %s raised", impl.plugin_name, hook)
+        return results
+
+
+def _subset(impl: Any, **kwargs: Any) -> dict[str, Any]:
+    return {name: kwargs[name] for name in impl.argnames if name in kwargs}

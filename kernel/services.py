@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import msgspec
 import trio
 
 from .config import LoadedConfig, validate_config, write_config_atomically
+from .errors import GatewayError
 
 if TYPE_CHECKING:
     import pluggy
@@ -157,3 +158,26 @@ class Services:
     nursery: trio.Nursery | None = None
     #: Each plugin's name and state, for status reporting.
     plugins: tuple[Any, ...] = ()
+    _provided: dict[str, Any] = field(default_factory=dict)
+
+    def provide(self, name: str, service: Any) -> None:
+        """Offer an object to other plugins under ``name`` (call it from ``anima_startup``).
+
+        This is how one plugin uses another's capability without importing it: the consumer
+        looks the name up when it needs it, so either side can be disabled or replaced.
+        """
+        if name in self._provided:
+            raise ValueError(f"service {name!r} is already provided")
+        self._provided[name] = service
+
+    def lookup(self, name: str) -> Any:
+        """The object provided under ``name``; 503 when no enabled plugin provides it."""
+        try:
+            return self._provided[name]
+        except KeyError:
+            raise GatewayError(
+                503, f"{name} is not available (the plugin providing it is not enabled)"
+            ) from None
+
+    def lookup_optional(self, name: str) -> Any | None:
+        return self._provided.get(name)

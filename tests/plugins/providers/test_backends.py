@@ -78,6 +78,19 @@ async def provider_error(stream: AsyncIterator[StreamEvent]) -> ProviderError:
     return caught.value
 
 
+def pooled_connections(provider: OpenAICompatibleProvider | AnthropicProvider) -> int:
+    """Connections httpx holds open for ``provider``.
+
+    This reads httpx internals on purpose: the server notices a drop only after some
+    scheduling, and so would it if the connection were left to the garbage collector's
+    async-generator finalizer. An empty pool right after ``aclose`` shows the close itself
+    released the connection.
+    """
+    client = provider._http._client
+    assert client is not None
+    return len(client._transport._pool.connections)
+
+
 def rechunk(pieces: list[bytes], size: int) -> list[bytes]:
     """The same bytes cut into ``size``-byte pieces, ignoring event and character bounds."""
     data = b"".join(pieces)
@@ -502,11 +515,13 @@ async def test_closing_the_stream_early_drops_the_connection(
         events[: flavour.first_delta], itertools.repeat(events[flavour.first_delta])
     )
     llm_server.route("POST", flavour.stream_path, event_stream(endless, delay_s=0.01))
-    stream = make_provider(flavour).stream(REQUEST)
+    provider = make_provider(flavour)
+    stream = provider.stream(REQUEST)
     with trio.fail_after(5):
         assert await anext(stream) == TextDelta("tok")
         assert await anext(stream) == TextDelta("tok")
         await stream.aclose()
+        assert pooled_connections(provider) == 0
         await llm_server.client_gone.wait()
 
 
@@ -517,12 +532,14 @@ async def test_cancelling_a_stream_waiting_for_data_drops_the_connection(
     never = trio.Event()
     llm_server.route("POST", flavour.stream_path, event_stream([*flavour.events(TEXTS)[:4], never]))
     received: list[StreamEvent] = []
+    provider = make_provider(flavour)
     with trio.move_on_after(0.5) as scope:
-        async with aclosing(make_provider(flavour).stream(REQUEST)) as stream:
+        async with aclosing(provider.stream(REQUEST)) as stream:
             async for event in stream:
                 received.append(event)
     assert scope.cancelled_caught
     assert received
+    assert pooled_connections(provider) == 0
     with trio.fail_after(5):
         await llm_server.client_gone.wait()
 
@@ -533,12 +550,14 @@ async def test_cancelling_the_consumer_between_deltas_drops_the_connection(
 ) -> None:
     never = trio.Event()
     llm_server.route("POST", flavour.stream_path, event_stream([*flavour.events(TEXTS)[:4], never]))
+    provider = make_provider(flavour)
     with trio.CancelScope() as scope:
-        async with aclosing(make_provider(flavour).stream(REQUEST)) as stream:
+        async with aclosing(provider.stream(REQUEST)) as stream:
             async for _ in stream:
                 scope.cancel()
                 await trio.sleep(1)  # cancelled here, outside the generator
     assert scope.cancelled_caught
+    assert pooled_connections(provider) == 0
     with trio.fail_after(5):
         await llm_server.client_gone.wait()
 

@@ -163,13 +163,20 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.buffered_bytes -= len(data)
 
-    def close_soon(self, code: int, reason: str) -> None:
-        """Close the connection from anywhere on the event loop, without waiting."""
+    def close_soon(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Close the connection from anywhere on the event loop, without waiting.
+
+        :param flush: send what is already queued first (a graceful close such as a
+            restart); otherwise the queue is abandoned (a slow consumer's never drains).
+        """
         if self._close_code is not None:
             return
         self._close_code, self._close_reason = code, reason
         logger.info("closing connection %s: %d %s", self.info.conn_id, code, reason)
-        if self._nursery is not None:
+        if flush:
+            # The writer ends once the queue is empty and then stops the reader.
+            self._outbox_send.close()
+        elif self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
     # -- running ---------------------------------------------------------------------------
@@ -198,6 +205,9 @@ class Connection:
                 except ConnectionClosed:
                     self.close_soon(CLOSE_NORMAL, "")
                     return
+        # The queue was closed by a flushing close_soon and is now empty.
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         assert self._nursery is not None
@@ -271,7 +281,10 @@ class Connection:
             return ResponseFrame(id=frame.id, ok=True, payload=payload)
         except GatewayError as exc:
             return ResponseFrame(id=frame.id, ok=False, error=error_shape(exc))
-        except Exception:
+        except Exception as exc:
+            wrapped = _sole_gateway_error(exc)
+            if wrapped is not None:
+                return ResponseFrame(id=frame.id, ok=False, error=error_shape(wrapped))
             logger.exception(
                 "conn %s: method %s (request %s) failed", self.info.conn_id, frame.method, frame.id
             )
@@ -302,6 +315,13 @@ class Connection:
             return
         error = GatewayError(400, f"invalid request frame: {exc}")
         await self.send_response(ResponseFrame(id=request_id, ok=False, error=error_shape(error)))
+
+
+def _sole_gateway_error(exc: BaseException) -> GatewayError | None:
+    """The GatewayError a handler raised from inside its own nursery, if that is all it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, GatewayError) else None
 
 
 def _salvage_id(message: str | bytes) -> str | None:

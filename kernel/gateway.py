@@ -277,7 +277,7 @@ class Gateway:
             for connection in list(self.connections.values()):
                 await connection.idle.wait()
         for connection in list(self.connections.values()):
-            connection.close_soon(CLOSE_RESTART, "service restart")
+            connection.close_soon(CLOSE_RESTART, "service restart", flush=True)
         with trio.move_on_after(2):
             while self.connections:
                 await trio.sleep(0.01)
@@ -289,6 +289,14 @@ class Gateway:
             self.services.events.emit("tick", {"ts": self.services.clock.now_ms()})
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        # An exception escaping here would cancel the server's handler nursery and with it
+        # every other client; one broken connection must stay one broken connection.
+        try:
+            await self._serve_request(request)
+        except Exception:
+            logger.exception("connection handler failed")
+
+    async def _serve_request(self, request: WebSocketRequest) -> None:
         if self._stopping or len(self.connections) >= self._loaded.gateway.limits.max_connections:
             await request.reject(503, body=b"gateway unavailable")
             return

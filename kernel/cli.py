@@ -183,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO; a provider call per chat turn is not news.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     commands: dict[str, Any] = {
         "run": lambda: trio.run(_run, args),
         "call": lambda: trio.run(_call, args),

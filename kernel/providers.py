@@ -61,7 +61,11 @@ class TextDelta(msgspec.Struct, frozen=True, tag="delta"):
 
 
 class StreamDone(msgspec.Struct, frozen=True, tag="done"):
-    """The last event of a successful stream."""
+    """The last event of a successful stream.
+
+    ``stop_reason`` is the provider's own word (``stop``, ``length``, ``end_turn``...), or
+    ``unknown`` when it gave none.
+    """
 
     stop_reason: str
     usage: TokenUsage
@@ -70,15 +74,18 @@ class StreamDone(msgspec.Struct, frozen=True, tag="done"):
 
 StreamEvent = TextDelta | StreamDone
 
-ProviderErrorKind = Literal["auth", "rate_limited", "server", "unreachable", "bad_response"]
+ProviderErrorKind = Literal[
+    "auth", "rate_limited", "invalid_request", "server", "unreachable", "bad_response"
+]
 
 
 class ProviderError(Exception):
     """A provider call that failed in a way the caller can act on.
 
     ``kind`` lets the caller decide without parsing messages: ``auth`` and ``rate_limited``
-    are the failures that key rotation may cure; ``retry_after_ms`` carries the provider's
-    own hint when it gave one.
+    are the failures that key rotation may cure; ``invalid_request`` (unknown model, context
+    too long) will fail again whatever the key, so it is never retried; ``retry_after_ms``
+    carries the provider's own hint when it gave one.
     """
 
     def __init__(
@@ -120,8 +127,14 @@ class ModelProvider(Protocol):
         """Yield text deltas, then exactly one ``StreamDone``; raise ``ProviderError``.
 
         Closing the iterator early (``aclose``) must release the upstream connection at once:
-        that is how an aborted run stops paying for tokens.
+        that is how an aborted run stops paying for tokens. Consumers should iterate inside
+        ``contextlib.aclosing(provider.stream(...))`` so that a ``break`` closes it now
+        rather than whenever the garbage collector gets to it.
         """
+        ...
+
+    async def aclose(self) -> None:
+        """Release pooled connections; called once at shutdown."""
         ...
 
     async def list_models(self, api_key: str | None) -> list[ModelInfo]:

@@ -101,8 +101,7 @@ class ProviderHttp:
         The response is closed when the body ends, when the iterator is closed early and when
         the caller is cancelled; closing drops the connection, so the server stops generating.
         """
-        request = self._build("POST", url, headers, body)
-        response = await self._send(request, api_key)
+        response = await self._open("POST", url, headers, body, api_key)
         try:
             if response.headers.get("content-type", "").startswith("application/json"):
                 body_prefix = await _read_prefix(response, ERROR_BODY_LIMIT)
@@ -129,8 +128,7 @@ class ProviderHttp:
 
     async def get_json(self, url: str, *, headers: Mapping[str, str], api_key: str | None) -> bytes:
         """GET ``url`` and return its body, bounded by ``JSON_BODY_LIMIT``."""
-        request = self._build("GET", url, headers, None)
-        response = await self._send(request, api_key)
+        response = await self._open("GET", url, headers, None, api_key)
         try:
             body = await _read_prefix(response, JSON_BODY_LIMIT + 1)
         except httpx.TimeoutException:
@@ -144,30 +142,33 @@ class ProviderHttp:
             raise self.error("bad_response", f"answer larger than {JSON_BODY_LIMIT} bytes")
         return body
 
-    def _build(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None
-    ) -> httpx.Request:
+    async def _open(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        api_key: str | None,
+    ) -> httpx.Response:
+        """Send a request and return its open response, or raise for a failed status."""
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout)
         try:
-            return self._client.build_request(method, url, headers=headers, content=body)
+            request = self._client.build_request(method, url, headers=headers, content=body)
+            response = await self._client.send(request, stream=True)
         except httpx.InvalidURL as exc:
             raise self.error("unreachable", f"invalid URL {url!r}: {exc}") from None
-
-    async def _send(self, request: httpx.Request, api_key: str | None) -> httpx.Response:
-        """Send ``request`` and return the open response, or raise for a failed status."""
-        assert self._client is not None
-        try:
-            response = await self._client.send(request, stream=True)
         except httpx.ConnectTimeout:
             detail = f"no connection within {self._timeout.connect} s"
             raise self.error("unreachable", detail) from None
         except httpx.TimeoutException:
             detail = f"no answer within {self._timeout.read} s"
             raise self.error("unreachable", detail) from None
-        except httpx.RequestError as exc:
+        except httpx.ConnectError as exc:
             raise self.error("unreachable", f"cannot connect: {_describe(exc)}") from None
-        logger.debug("%s %s -> %d", request.method, request.url, response.status_code)
+        except httpx.RequestError as exc:
+            raise self.error("unreachable", f"no answer: {_describe(exc)}") from None
+        logger.debug("%s %s -> %d", method, url, response.status_code)
         if response.is_success:
             return response
         try:
@@ -239,13 +240,15 @@ def retry_after_ms(headers: Mapping[str, str], *, now: float | None = None) -> i
     if milliseconds is not None:
         try:
             return max(0, round(float(milliseconds)))
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
         return max(0, round(float(value) * 1000))
+    except OverflowError:
+        return None
     except ValueError:
         pass
     try:
@@ -262,10 +265,10 @@ def quote_server_message(detail: str, quoted: str | None, api_key: str | None) -
     """``detail``, followed by the server's message truncated and with the key blanked out."""
     if not quoted:
         return detail
+    if api_key:
+        quoted = quoted.replace(api_key, "[redacted]")  # before truncating, which could split it
     if len(quoted) > QUOTED_MESSAGE_CHARS:
         quoted = quoted[: QUOTED_MESSAGE_CHARS - 1] + "…"
-    if api_key:
-        quoted = quoted.replace(api_key, "[redacted]")
     return f"{detail}: {quoted}"
 
 
@@ -274,7 +277,7 @@ def _describe(exc: Exception) -> str:
 
 
 async def _read_prefix(response: httpx.Response, limit: int) -> bytes:
-    """Up to ``limit`` bytes of the body (a little more if a chunk overshoots)."""
+    """The first ``limit`` bytes of the body; the rest is never read."""
     parts: list[bytes] = []
     size = 0
     async with aclosing(response.aiter_bytes()) as chunks:

@@ -11,14 +11,16 @@ import email.utils
 import itertools
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import trio
 from fake_llm_server import (
     FakeLLMServer,
+    RecordedRequest,
     Reply,
     anthropic_events,
     json_reply,
@@ -40,8 +42,15 @@ from kernel.providers import (
     TokenUsage,
 )
 from plugins.providers.backends import AnthropicProvider, OfflineProvider, OpenAICompatibleProvider
-from plugins.providers.backends._http import error_message_from_body, retry_after_ms
+from plugins.providers.backends._http import (
+    error_message_from_body,
+    quote_server_message,
+    retry_after_ms,
+)
 from plugins.providers.backends._sse import SSEDecoder, SSEError, SSEEvent
+
+HttpProvider = OpenAICompatibleProvider | AnthropicProvider
+MakeProvider = Callable[..., HttpProvider]
 
 API_KEY = "sk-test-0123456789abcdef"
 TEXTS = ["Hel", "lo, ", "wor", "ld! ", "Ünï", "cödé ✓"]
@@ -78,7 +87,7 @@ async def provider_error(stream: AsyncIterator[StreamEvent]) -> ProviderError:
     return caught.value
 
 
-def pooled_connections(provider: OpenAICompatibleProvider | AnthropicProvider) -> int:
+def pooled_connections(provider: HttpProvider) -> int:
     """Connections httpx holds open for ``provider``.
 
     This reads httpx internals on purpose: the server notices a drop only after some
@@ -172,6 +181,7 @@ def test_retry_after_reads_seconds_dates_and_milliseconds() -> None:
     assert 29_000 <= retry_after_ms({"retry-after": in_thirty_s}, now=now) <= 30_000
     assert retry_after_ms({"retry-after": a_minute_ago}, now=now) == 0
     assert retry_after_ms({"retry-after": "soon"}) is None
+    assert retry_after_ms({"retry-after": "inf"}) is None
     assert retry_after_ms({}) is None
     assert retry_after_ms({"retry-after-ms": "250", "retry-after": "7"}) == 250
 
@@ -192,6 +202,14 @@ def test_error_message_is_taken_from_the_shapes_servers_use(
     body: bytes, message: str | None
 ) -> None:
     assert error_message_from_body(body) == message
+
+
+def test_quoted_server_message_is_truncated_and_never_holds_the_key() -> None:
+    quoted = quote_server_message("refused", "x" * 290 + API_KEY + "y" * 100, API_KEY)
+    assert quoted.startswith("refused: xxx")
+    assert len(quoted) <= len("refused: ") + 300
+    assert API_KEY[:12] not in quoted
+    assert quote_server_message("refused", None, API_KEY) == "refused"
 
 
 # --- the offline provider ---------------------------------------------------------------
@@ -247,16 +265,18 @@ async def test_offline_provider_echoes_only_a_bounded_prefix_of_the_last_user_me
     assert text.startswith("[offline provider]")
 
 
-async def test_offline_provider_streams_with_a_delay_and_stops_when_cancelled() -> None:
+async def test_offline_provider_paces_its_pieces_and_stops_when_cancelled() -> None:
     provider = OfflineProvider(piece_delay_s=0.05)
-    received: list[StreamEvent] = []
-    with trio.move_on_after(0.18) as scope:
+    arrivals: list[float] = []
+    with trio.CancelScope() as scope:
         async with aclosing(provider.stream(offline_request("hello"))) as stream:
-            async for event in stream:
-                received.append(event)
+            async for _ in stream:
+                arrivals.append(trio.current_time())
+                if len(arrivals) == 3:
+                    scope.cancel()
     assert scope.cancelled_caught
-    assert 1 <= len(received) <= 4
-    assert all(isinstance(event, TextDelta) for event in received)
+    assert len(arrivals) == 3
+    assert arrivals[2] - arrivals[0] >= 0.09
 
 
 async def test_offline_provider_lists_its_one_model() -> None:
@@ -274,7 +294,7 @@ class Flavour:
     name: str
     stream_path: str
     models_path: str
-    make: Callable[..., OpenAICompatibleProvider | AnthropicProvider]
+    make: Callable[..., HttpProvider]
     events: Callable[..., list[bytes]]
     #: Index of the first text delta in ``events(...)``.
     first_delta: int
@@ -299,37 +319,31 @@ ANTHROPIC = Flavour(
 FLAVOURS = pytest.mark.parametrize("flavour", [OPENAI, ANTHROPIC], ids=lambda f: f.name)
 
 
-def event_stream(pieces: object, **options: object) -> Reply:
+def event_stream(pieces: Iterable[bytes | trio.Event], **options: Any) -> Reply:
     return Reply(headers=[("Content-Type", "text/event-stream")], body=pieces, **options)
 
 
 @pytest.fixture
-async def providers() -> AsyncIterator[list[OpenAICompatibleProvider | AnthropicProvider]]:
-    """Providers a test creates are put here and closed after it."""
-    created: list[OpenAICompatibleProvider | AnthropicProvider] = []
-    yield created
-    for provider in created:
-        await provider.aclose()
+async def make_provider(llm_server: FakeLLMServer) -> AsyncIterator[MakeProvider]:
+    """Builds providers aimed at ``llm_server`` (or another URL) and closes them afterwards."""
+    created: list[HttpProvider] = []
 
-
-@pytest.fixture
-def make_provider(
-    llm_server: FakeLLMServer, providers: list[OpenAICompatibleProvider | AnthropicProvider]
-) -> Callable[..., OpenAICompatibleProvider | AnthropicProvider]:
-    def make(flavour: Flavour, base_url: str | None = None, **options: object):
+    def make(flavour: Flavour, base_url: str | None = None, **options: Any) -> HttpProvider:
         options.setdefault("timeout_s", 5.0)
         options.setdefault("connect_timeout_s", 2.0)
         provider = flavour.make(base_url or llm_server.base_url, **options)
-        providers.append(provider)
+        created.append(provider)
         return provider
 
-    return make
+    yield make
+    for provider in created:
+        await provider.aclose()
 
 
 @FLAVOURS
 @pytest.mark.parametrize("framing", ["chunked", "close", "length"])
 async def test_stream_yields_the_whole_text_and_usage(
-    flavour: Flavour, framing: str, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, framing: str, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route(
         "POST", flavour.stream_path, event_stream(flavour.events(TEXTS), framing=framing)
@@ -347,7 +361,7 @@ async def test_stream_yields_the_whole_text_and_usage(
 @FLAVOURS
 @pytest.mark.parametrize("size", [1, 3, 7, 64])
 async def test_stream_survives_chunks_split_anywhere(
-    flavour: Flavour, size: int, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, size: int, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     keepalive = [b": keep-alive\n\n"]
     pieces = rechunk(keepalive + flavour.events(TEXTS) + keepalive, size)
@@ -358,7 +372,7 @@ async def test_stream_survives_chunks_split_anywhere(
 
 @FLAVOURS
 async def test_slow_stream_delivers_each_delta_as_it_arrives(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     release = trio.Event()
     events = flavour.events(TEXTS)
@@ -379,7 +393,7 @@ async def test_slow_stream_delivers_each_delta_as_it_arrives(
 @FLAVOURS
 @pytest.mark.parametrize("framing", ["chunked", "close", "length"])
 async def test_stream_cut_off_mid_answer_is_a_bad_response(
-    flavour: Flavour, framing: str, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, framing: str, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route(
         "POST",
@@ -393,7 +407,7 @@ async def test_stream_cut_off_mid_answer_is_a_bad_response(
 
 @FLAVOURS
 async def test_malformed_json_in_the_stream_is_a_bad_response(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = flavour.events(TEXTS)
     broken = b"event: content_block_delta\n" if flavour is ANTHROPIC else b""
@@ -406,7 +420,7 @@ async def test_malformed_json_in_the_stream_is_a_bad_response(
 
 @FLAVOURS
 async def test_a_json_answer_instead_of_a_stream_is_a_bad_response(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("POST", flavour.stream_path, json_reply(200, {"error": "not streaming"}))
     error = await provider_error(make_provider(flavour).stream(REQUEST))
@@ -417,7 +431,7 @@ async def test_a_json_answer_instead_of_a_stream_is_a_bad_response(
 @FLAVOURS
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_refused_key_is_an_auth_error_that_quotes_the_server_but_not_the_key(
-    flavour: Flavour, status: int, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, status: int, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     message = f"Incorrect API key provided: {API_KEY}. Find yours in the console."
     llm_server.route(
@@ -431,7 +445,7 @@ async def test_a_refused_key_is_an_auth_error_that_quotes_the_server_but_not_the
 
 @FLAVOURS
 async def test_rate_limit_carries_the_retry_after_hint(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route(
         "POST",
@@ -443,7 +457,9 @@ async def test_rate_limit_carries_the_retry_after_hint(
     assert "slow down" in error.message
 
 
-async def test_rate_limit_reads_an_http_date(llm_server: FakeLLMServer, make_provider) -> None:
+async def test_rate_limit_reads_an_http_date(
+    llm_server: FakeLLMServer, make_provider: MakeProvider
+) -> None:
     when = email.utils.formatdate(time.time() + 20, usegmt=True)
     llm_server.route(
         "POST", OPENAI.stream_path, json_reply(429, {}, headers=[("Retry-After", when)])
@@ -456,7 +472,7 @@ async def test_rate_limit_reads_an_http_date(llm_server: FakeLLMServer, make_pro
 
 @FLAVOURS
 async def test_server_failure_is_a_server_error_with_a_truncated_quote(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     long_message = "the model crashed " + "x" * 2000
     llm_server.route(
@@ -469,7 +485,7 @@ async def test_server_failure_is_a_server_error_with_a_truncated_quote(
 
 
 async def test_server_failure_without_json_quotes_the_status_phrase(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("POST", OPENAI.stream_path, Reply(502, body=[b"<html>bad</html>"]))
     error = await provider_error(make_provider(OPENAI).stream(REQUEST))
@@ -479,7 +495,7 @@ async def test_server_failure_without_json_quotes_the_status_phrase(
 
 @FLAVOURS
 async def test_connection_refused_is_unreachable_and_names_the_url(
-    flavour: Flavour, make_provider
+    flavour: Flavour, make_provider: MakeProvider
 ) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -496,7 +512,7 @@ async def test_connection_refused_is_unreachable_and_names_the_url(
 
 @FLAVOURS
 async def test_a_stream_that_stalls_past_the_timeout_is_unreachable(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     never = trio.Event()
     llm_server.route("POST", flavour.stream_path, event_stream([flavour.events(TEXTS)[0], never]))
@@ -508,7 +524,7 @@ async def test_a_stream_that_stalls_past_the_timeout_is_unreachable(
 
 @FLAVOURS
 async def test_closing_the_stream_early_drops_the_connection(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = flavour.events(["tok"])
     endless = itertools.chain(
@@ -527,7 +543,7 @@ async def test_closing_the_stream_early_drops_the_connection(
 
 @FLAVOURS
 async def test_cancelling_a_stream_waiting_for_data_drops_the_connection(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     never = trio.Event()
     llm_server.route("POST", flavour.stream_path, event_stream([*flavour.events(TEXTS)[:4], never]))
@@ -546,7 +562,7 @@ async def test_cancelling_a_stream_waiting_for_data_drops_the_connection(
 
 @FLAVOURS
 async def test_cancelling_the_consumer_between_deltas_drops_the_connection(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     never = trio.Event()
     llm_server.route("POST", flavour.stream_path, event_stream([*flavour.events(TEXTS)[:4], never]))
@@ -566,7 +582,7 @@ async def test_cancelling_the_consumer_between_deltas_drops_the_connection(
 
 
 async def test_openai_request_carries_the_key_messages_and_stream_options(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("POST", OPENAI.stream_path, event_stream(openai_chunks(TEXTS)))
     request = ModelRequest(
@@ -589,7 +605,7 @@ async def test_openai_request_carries_the_key_messages_and_stream_options(
 
 
 async def test_openai_options_for_keyless_servers_and_reasoning_models(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("POST", OPENAI.stream_path, event_stream(openai_chunks(TEXTS)))
     provider = make_provider(
@@ -607,7 +623,7 @@ async def test_openai_options_for_keyless_servers_and_reasoning_models(
 
 
 async def test_openai_stream_without_usage_or_done_still_finishes(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = openai_chunks(TEXTS, finish_reason="length", usage=None, done=False)
     llm_server.route("POST", OPENAI.stream_path, event_stream(events))
@@ -617,7 +633,7 @@ async def test_openai_stream_without_usage_or_done_still_finishes(
 
 
 async def test_openai_stream_without_finish_or_done_is_a_bad_response(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = openai_chunks(TEXTS, finish_reason=None, usage=None, done=False)
     llm_server.route("POST", OPENAI.stream_path, event_stream(events))
@@ -626,7 +642,7 @@ async def test_openai_stream_without_finish_or_done_is_a_bad_response(
 
 
 async def test_openai_error_chunk_in_the_stream_raises(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = [*openai_chunks(TEXTS)[:3], sse({"error": {"message": "backend died"}})]
     llm_server.route("POST", OPENAI.stream_path, event_stream(events))
@@ -635,7 +651,7 @@ async def test_openai_error_chunk_in_the_stream_raises(
     assert "backend died" in error.message
 
 
-async def test_openai_lists_models(llm_server: FakeLLMServer, make_provider) -> None:
+async def test_openai_lists_models(llm_server: FakeLLMServer, make_provider: MakeProvider) -> None:
     listing = {
         "object": "list",
         "data": [
@@ -654,7 +670,7 @@ async def test_openai_lists_models(llm_server: FakeLLMServer, make_provider) -> 
 
 @FLAVOURS
 async def test_model_listing_errors_are_mapped_too(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("GET", flavour.models_path, json_reply(401, {"error": {"message": "who?"}}))
     with pytest.raises(ProviderError) as caught:
@@ -665,7 +681,7 @@ async def test_model_listing_errors_are_mapped_too(
 
 @FLAVOURS
 async def test_a_malformed_model_listing_is_a_bad_response(
-    flavour: Flavour, llm_server: FakeLLMServer, make_provider
+    flavour: Flavour, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("GET", flavour.models_path, json_reply(200, {"data": "nope"}))
     with pytest.raises(ProviderError) as caught:
@@ -677,7 +693,7 @@ async def test_a_malformed_model_listing_is_a_bad_response(
 
 
 async def test_anthropic_request_puts_system_turns_in_the_system_field(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("POST", ANTHROPIC.stream_path, event_stream(anthropic_events(TEXTS)))
     request = ModelRequest(
@@ -721,7 +737,7 @@ async def test_anthropic_request_puts_system_turns_in_the_system_field(
     ],
 )
 async def test_anthropic_error_event_raises_with_its_message(
-    error_type: str, kind: str, llm_server: FakeLLMServer, make_provider
+    error_type: str, kind: str, llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     failure = {"type": "error", "error": {"type": error_type, "message": "Overloaded"}}
     events = [*anthropic_events(TEXTS)[:5], sse(failure, "error")]
@@ -733,7 +749,7 @@ async def test_anthropic_error_event_raises_with_its_message(
 
 
 async def test_anthropic_stream_without_message_stop_is_a_bad_response(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = anthropic_events(TEXTS, stop=False)
     llm_server.route("POST", ANTHROPIC.stream_path, event_stream(events))
@@ -743,11 +759,14 @@ async def test_anthropic_stream_without_message_stop_is_a_bad_response(
 
 
 async def test_anthropic_ignores_unknown_events_and_non_text_deltas(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = anthropic_events(TEXTS)
-    thinking = {"type": "content_block_delta", "index": 0,
-                "delta": {"type": "thinking_delta", "thinking": "hmm"}}  # fmt: skip
+    thinking = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "thinking_delta", "thinking": "hmm"},
+    }
     events[3:3] = [sse(thinking, "content_block_delta"), sse({"type": "brand_new"}, "brand_new")]
     llm_server.route("POST", ANTHROPIC.stream_path, event_stream(events))
     text, _ = await collect(make_provider(ANTHROPIC).stream(REQUEST))
@@ -755,7 +774,7 @@ async def test_anthropic_ignores_unknown_events_and_non_text_deltas(
 
 
 async def test_anthropic_counts_cached_input_tokens(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     events = anthropic_events(TEXTS)
     usage = {"input_tokens": 3, "cache_read_input_tokens": 100, "output_tokens": 12}
@@ -769,17 +788,29 @@ async def test_anthropic_counts_cached_input_tokens(
 
 
 async def test_anthropic_lists_models_across_pages(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
-    def page(request) -> Reply:
+    def page(request: RecordedRequest) -> Reply:
         if "after_id" not in request.query:
-            return json_reply(200, {
-                "data": [{"id": "claude-a", "display_name": "Claude A", "type": "model"}],
-                "has_more": True, "first_id": "claude-a", "last_id": "claude-a"})  # fmt: skip
+            return json_reply(
+                200,
+                {
+                    "data": [{"id": "claude-a", "display_name": "Claude A", "type": "model"}],
+                    "has_more": True,
+                    "first_id": "claude-a",
+                    "last_id": "claude-a",
+                },
+            )
         assert request.query["after_id"] == "claude-a"
-        return json_reply(200, {
-            "data": [{"id": "claude-b", "type": "model"}],
-            "has_more": False, "first_id": "claude-b", "last_id": "claude-b"})  # fmt: skip
+        return json_reply(
+            200,
+            {
+                "data": [{"id": "claude-b", "type": "model"}],
+                "has_more": False,
+                "first_id": "claude-b",
+                "last_id": "claude-b",
+            },
+        )
 
     llm_server.route("GET", ANTHROPIC.models_path, page)
     models = await make_provider(ANTHROPIC).list_models(API_KEY)
@@ -792,7 +823,7 @@ async def test_anthropic_lists_models_across_pages(
 
 
 async def test_provider_can_be_reused_after_aclose(
-    llm_server: FakeLLMServer, make_provider
+    llm_server: FakeLLMServer, make_provider: MakeProvider
 ) -> None:
     llm_server.route("POST", OPENAI.stream_path, event_stream(openai_chunks(TEXTS)))
     provider = make_provider(OPENAI)

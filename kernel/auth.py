@@ -15,11 +15,18 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import GatewayConfig
+from .config import GatewayConfig, RateLimitConfig
 from .frames import ConnectParams
 from .locality import ClientAddress, is_loopback
+from .ratelimit import AuthRateLimiter
 
-__all__ = ["AuthOutcome", "SharedSecretAuth", "StartupRefused", "secrets_equal"]
+__all__ = [
+    "AuthOutcome",
+    "SharedSecretAuth",
+    "StartupRefused",
+    "build_rate_limiter",
+    "secrets_equal",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ class StartupRefused(Exception):
 
 
 def secrets_equal(presented: str, expected: str) -> bool:
+    """Compare two secrets in constant time, whatever their lengths."""
     return hmac.compare_digest(
         hashlib.sha256(presented.encode()).digest(), hashlib.sha256(expected.encode()).digest()
     )
@@ -42,8 +50,12 @@ class AuthOutcome:
 
     :ivar ok: the secret (or the proxy's word) was accepted.
     :ivar method: ``token``, ``password``, ``none`` or ``trusted-proxy``.
-    :ivar reason: a machine-readable cause when not ok (``token_missing``, ...).
-    :ivar counts_as_failure: whether it feeds the failed-attempt rate limiter.
+    :ivar reason: which check failed, when not ok: ``token-missing``, ``token-mismatch``,
+        ``password-missing``, ``password-mismatch`` or ``trusted-proxy-*``; clients get it
+        as ``error.details.authReason``.
+    :ivar user: the user a trusted proxy named.
+    :ivar counts_as_failure: whether it feeds the failed-attempt rate limiter (a guess at
+        a secret does; a misconfigured proxy does not).
     """
 
     ok: bool
@@ -103,35 +115,59 @@ class SharedSecretAuth:
         if self.mode == "password":
             given = presented.password if presented else None
             if not given:
-                return AuthOutcome(False, "password", "password_missing", "password missing")
+                return AuthOutcome(
+                    False, "password", "password-missing", "gateway password missing"
+                )
             if secrets_equal(given, self.password or ""):
                 return AuthOutcome(True, "password")
-            return AuthOutcome(False, "password", "password_mismatch", "password mismatch")
+            return AuthOutcome(False, "password", "password-mismatch", "gateway password mismatch")
 
         given = presented.token if presented else None
         if not given:
-            return AuthOutcome(False, "token", "token_missing", "gateway token missing")
+            return AuthOutcome(False, "token", "token-missing", "gateway token missing")
         if secrets_equal(given, self.token or ""):
             return AuthOutcome(True, "token")
-        return AuthOutcome(False, "token", "token_mismatch", "gateway token mismatch")
+        return AuthOutcome(False, "token", "token-mismatch", "gateway token mismatch")
 
     def _check_proxy(self, client: ClientAddress, headers: dict[str, str]) -> AuthOutcome:
+        """The user comes from the proxy's header, and only when the peer is that proxy.
+
+        Failures are not counted by the rate limiter: behind one proxy every client shares
+        an address pattern, and a missing header is a proxy misconfiguration, not a guess.
+        """
+
         def refuse(reason: str, message: str) -> AuthOutcome:
-            return AuthOutcome(False, "trusted-proxy", reason, message)
+            return AuthOutcome(False, "trusted-proxy", reason, message, counts_as_failure=False)
 
         if not client.via_trusted_proxy:
             return refuse(
-                "trusted_proxy_untrusted_source", "connection is not from a trusted proxy"
+                "trusted-proxy-untrusted-source",
+                "connection is not from a trusted proxy (gateway.trustedProxies)",
             )
         for name in self._proxy.required_headers:
             if not headers.get(name.lower(), "").strip():
-                return refuse("trusted_proxy_missing_header", f"proxy header {name} missing")
+                return refuse("trusted-proxy-missing-header", f"proxy header {name} missing")
         user = headers.get(self._proxy.user_header.lower(), "").strip()
         if not user:
-            return refuse("trusted_proxy_user_missing", "proxy did not name the user")
+            return refuse(
+                "trusted-proxy-user-missing",
+                f"proxy did not name the user (header {self._proxy.user_header})",
+            )
         if self._proxy.allow_users and user not in self._proxy.allow_users:
-            return refuse("trusted_proxy_user_not_allowed", f"user {user} is not allowed")
+            return refuse("trusted-proxy-user-not-allowed", f"user {user} is not allowed")
         return AuthOutcome(True, "trusted-proxy", user=user)
+
+
+def build_rate_limiter(config: RateLimitConfig) -> AuthRateLimiter | None:
+    """The failed-authentication limiter ``[gateway.auth.rateLimit]`` asks for, or ``None``."""
+    if not config.enabled:
+        return None
+    return AuthRateLimiter(
+        max_attempts=config.max_attempts,
+        window_ms=config.window_ms,
+        lockout_ms=config.lockout_ms,
+        exempt_loopback=config.exempt_loopback,
+    )
 
 
 def _load_or_make_token(state_dir: Path) -> tuple[str, bool]:

@@ -1,4 +1,4 @@
-"""``anima-gateway``: run the gateway, call a method, list plugins.
+"""``anima-gateway``: run the gateway, call a method, list plugins, manage devices.
 
 Sub-commands that talk to a running gateway read the token from ``--token``, then
 ``ANIMA_GATEWAY_TOKEN``, then the token file in the state directory, so that an operator on
@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--config", type=Path)
     plugins.add_argument("--state-dir", type=Path)
     plugins.add_argument("--json", action="store_true", help="print JSON")
+
+    _add_devices_parser(commands)
     return parser
 
 
@@ -176,6 +178,129 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- anima-gateway devices ---------------------------------------------------------------------
+
+
+def _add_devices_parser(commands: Any) -> None:
+    devices = commands.add_parser(
+        "devices",
+        help="pairing requests, paired devices and device tokens on a running gateway",
+        description="IDs may be shortened to any unique prefix.",
+    )
+    actions = devices.add_subparsers(dest="devices_command", required=True)
+    listing = actions.add_parser("list", help="pending requests and paired devices")
+    listing.add_argument("--json", action="store_true", help="print the JSON payload")
+    for name, what in (("approve", "approve"), ("reject", "reject")):
+        action = actions.add_parser(name, help=f"{what} a pending pairing request")
+        action.add_argument("request_id", metavar="ID", help="the request's id")
+    rotate = actions.add_parser("rotate", help="mint a new device token (shown once)")
+    rotate.add_argument("device_id", metavar="DEVICE")
+    rotate.add_argument("--role", default="operator")
+    rotate.add_argument("--scopes", help="comma-separated; only scopes the device was approved for")
+    revoke = actions.add_parser("revoke", help="revoke a device token until it is rotated")
+    revoke.add_argument("device_id", metavar="DEVICE")
+    revoke.add_argument("--role", default="operator")
+    for action in actions.choices.values():
+        _client_options(action)
+
+
+async def _devices(args: argparse.Namespace) -> int:
+    """``anima-gateway devices ...``: the devices plugin's methods, for an operator's shell."""
+    token = resolve_token(args.token, args.state_dir)
+    command = args.devices_command
+    try:
+        async with open_client(
+            args.url, token=token, password=args.password, scopes=("operator.pairing",)
+        ) as client:
+            if command == "list":
+                listing = await _all_devices(client)
+                if args.json:
+                    print(json.dumps(listing, indent=2, ensure_ascii=False))
+                else:
+                    print(_describe_devices(listing))
+            elif command in ("approve", "reject"):
+                request_id = await _expand(client, args.request_id, "pending", "requestId")
+                result = await client.call(f"device.pair.{command}", {"requestId": request_id})
+                device_id = result.get("deviceId") or result["device"]["deviceId"]
+                print(f"{command}d request {request_id} (device {device_id})")
+            elif command == "rotate":
+                params: dict[str, Any] = {
+                    "deviceId": await _expand(client, args.device_id, "paired", "deviceId"),
+                    "role": args.role,
+                }
+                if args.scopes is not None:
+                    params["scopes"] = [s.strip() for s in args.scopes.split(",") if s.strip()]
+                result = await client.call("device.token.rotate", params)
+                print(f"new {result['role']} token for device {result['deviceId']}")
+                print(f"  scopes: {', '.join(result['scopes']) or '(none)'}")
+                print(f"  token:  {result['token']}")
+                print("  (shown once: only its hash is kept; give it to the device now)")
+            else:
+                device_id = await _expand(client, args.device_id, "paired", "deviceId")
+                result = await client.call(
+                    "device.token.revoke", {"deviceId": device_id, "role": args.role}
+                )
+                print(f"revoked the {result['role']} token of device {result['deviceId']}")
+    except HandshakeRefused as exc:
+        print(f"anima-gateway: connect refused: {exc}", file=sys.stderr)
+        return 1
+    except GatewayError as exc:
+        print(f"anima-gateway: {exc.code} {exc.reason}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"anima-gateway: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _all_devices(client: Any) -> dict[str, Any]:
+    """Every page of ``device.pair.list``, joined."""
+    listing = await client.call("device.pair.list", {"limit": 1000})
+    while listing.get("nextCursor"):
+        page = await client.call(
+            "device.pair.list", {"limit": 1000, "cursor": listing.pop("nextCursor")}
+        )
+        listing["paired"].extend(page["paired"])
+        listing["nextCursor"] = page.get("nextCursor")
+    listing.pop("nextCursor", None)
+    return listing
+
+
+async def _expand(client: Any, given: str, kind: str, key: str) -> str:
+    """The full id that ``given`` is a unique prefix of, or ``given`` itself."""
+    listing = await _all_devices(client)
+    matches = sorted({item[key] for item in listing[kind] if item[key].startswith(given)})
+    if given in matches or not matches:
+        return given  # an exact id, or an unknown one the gateway will answer 404 for
+    if len(matches) > 1:
+        raise GatewayError(400, f"{given} is ambiguous: it starts {', '.join(matches)}")
+    return matches[0]
+
+
+def _describe_devices(listing: dict[str, Any]) -> str:
+    lines = [f"pending requests: {len(listing['pending'])}"]
+    for request in listing["pending"]:
+        who = request.get("displayName") or request.get("clientId") or "?"
+        lines.append(
+            f"  {request['requestId']}  device {request['deviceId'][:16]}  {who}"
+            f"  role {request['role']}  scopes {','.join(request['scopes']) or '-'}"
+            f"  from {request.get('remoteIp', '-')}  ({request['reason']})"
+        )
+    lines.append(f"paired devices: {len(listing['paired'])}")
+    for device in listing["paired"]:
+        who = device.get("displayName") or device.get("clientId") or "?"
+        lines.append(
+            f"  {device['deviceId']}  {who}  roles {','.join(device['roles'])}"
+            f"  scopes {','.join(device['scopes']) or '-'}"
+        )
+        for token in device["tokens"]:
+            state = "revoked" if "revokedAtMs" in token else "live"
+            lines.append(
+                f"    token {token['role']}: {state}, scopes {','.join(token['scopes']) or '-'}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -189,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": lambda: trio.run(_run, args),
         "call": lambda: trio.run(_call, args),
         "plugins": lambda: _plugins(args),
+        "devices": lambda: trio.run(_devices, args),
     }
     return commands[args.command]()
 

@@ -108,18 +108,17 @@ class Connection:
         """
         if self._close_code is not None:
             return False
+        # A dropped event still takes its seq: the gap tells the client it missed one.
+        self.seq += 1
         if self.buffered_bytes > self._max_buffered:
-            if droppable:
-                return False
-            self.close_soon(CLOSE_POLICY, "slow consumer")
+            if not droppable:
+                self.close_soon(CLOSE_POLICY, "slow consumer")
             return False
 
-        self.seq += 1
         data = b"%s%d}" % (prefix, self.seq)
         try:
             self._outbox_send.send_nowait(data)
         except trio.WouldBlock:
-            self.seq -= 1
             if not droppable:
                 self.close_soon(CLOSE_POLICY, "slow consumer")
             return False

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from .gateway import Gateway
+from .gateway import Gateway, GatewayStartupError
 
 __all__ = ["open_gateway", "serve_gateway"]
 
@@ -54,20 +54,30 @@ async def open_gateway(
     host: str | None = None,
     port: int | None = 0,
 ) -> AsyncIterator[Gateway]:
-    """A running gateway for the duration of the block, stopped gracefully at its end."""
+    """A running gateway for the duration of the block, stopped gracefully at its end.
+
+    :raises GatewayStartupError: when the gateway cannot start (bad config, a required
+        plugin failing, the port taken), as itself rather than inside an exception group.
+    """
+    gateway = Gateway(
+        state_dir=state_dir,
+        config_path=config_path,
+        plugins=plugins,
+        use_entry_points=use_entry_points,
+        host=host,
+        port=port,
+    )
+    failure: GatewayStartupError | None = None
     async with trio.open_nursery() as nursery:
-        gateway: Gateway = await nursery.start(
-            lambda task_status: serve_gateway(
-                state_dir=state_dir,
-                config_path=config_path,
-                plugins=plugins,
-                use_entry_points=use_entry_points,
-                host=host,
-                port=port,
-                task_status=task_status,
-            )
-        )
         try:
-            yield gateway
-        finally:
-            gateway.request_shutdown()
+            await nursery.start(gateway.serve)
+        except GatewayStartupError as exc:
+            # Raised from the nursery's body it would come out wrapped in an exception group.
+            failure = exc
+        else:
+            try:
+                yield gateway
+            finally:
+                gateway.request_shutdown()
+    if failure is not None:
+        raise failure

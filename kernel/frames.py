@@ -54,7 +54,10 @@ class EmptyParams(Params):
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class RequestFrame(msgspec.Struct, tag_field="type", tag="req"):
+class RequestFrame(msgspec.Struct):
+    # A plain field, not a tag: msgspec lets a lone tagged struct decode without its tag, and
+    # a frame missing ``type`` is junk like any frame missing a field.
+    type: Literal["req"]
     id: NonEmptyStr
     method: NonEmptyStr
     params: msgspec.Raw = msgspec.Raw(b"{}")

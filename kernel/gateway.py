@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ from typing import Any
 import msgspec
 import pluggy
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import WebSocketRequest, WebSocketServer
 
-from .auth import SharedSecretAuth
+from .auth import SharedSecretAuth, build_rate_limiter
 from .config import (
     ConfigError,
     LoadedConfig,
@@ -31,6 +30,7 @@ from .config import (
     validate_config,
 )
 from .connection import CLOSE_RESTART, Connection
+from .devices import DEVICES_SCHEMA, DeviceRegistry
 from .events import EventBus
 from .handshake import run_handshake
 from .idempotency import IdempotencyCache
@@ -164,12 +164,19 @@ class Gateway:
         gateway_config = self._loaded.gateway
         try:
             self.auth = SharedSecretAuth(gateway_config, self.state_dir)
+            self.rate_limiter = build_rate_limiter(gateway_config.auth.rate_limit)
             self.trusted_proxies = parse_trusted_proxies(gateway_config.trusted_proxies)
         except (StartupRefused, ValueError) as exc:
             raise GatewayStartupError(str(exc)) from exc
 
         store = Store(self.state_dir / DATABASE_NAME)
         await store.open()
+        try:
+            # Pairing is the kernel's own: its tables are migrated like a plugin's, first.
+            await store.migrate(DEVICES_SCHEMA.owner, DEVICES_SCHEMA.migrations)
+        except Exception as exc:
+            await store.aclose()
+            raise GatewayStartupError(f"kernel device tables: {exc}") from exc
         tables: PluginTables = self._tables
         for owner, schema in tables.store_schemas.items():
             try:
@@ -198,64 +205,100 @@ class Gateway:
             hook=self.manager.hook,
             plugins=tuple(self.plugin_infos),
         )
+        # The handshake pairs devices through this registry; plugins (the devices plugin,
+        # a third party's replacement) reach it as the "devices" service. The clock is
+        # looked up on each call, so a clock replaced on the services is followed.
+        self.devices = DeviceRegistry(
+            store, lambda: self.services.clock.now_ms(), self.services.events.emit
+        )
+        self.services.provide("devices", self.devices)
 
-    def _start_plugins(self, nursery: trio.Nursery) -> None:
+    def _start_plugins(self, nursery: trio.Nursery) -> GatewayStartupError | None:
+        """Run every ``anima_startup``; return the error when a required plugin fails.
+
+        Returned rather than raised: raised inside the background nursery it would reach the
+        caller wrapped in an exception group instead of as the ``GatewayStartupError`` it is.
+        """
         required = self._loaded.required
         for impl in self.manager.hook.anima_startup.get_hookimpls():
             try:
                 impl.function(**_subset(impl, services=self.services, nursery=nursery))
             except Exception as exc:
                 if impl.plugin_name in required:
-                    raise GatewayStartupError(
+                    error = GatewayStartupError(
                         f"required plugin {impl.plugin_name} failed to start: {exc}"
-                    ) from exc
+                    )
+                    error.__cause__ = exc
+                    return error
                 logger.exception("plugin %s failed to start and is left out", impl.plugin_name)
                 for info in self.plugin_infos:
                     if info.name == impl.plugin_name:
                         info.state, info.error = "failed", f"anima_startup: {exc}"
                 self._tables.drop_plugin(impl.plugin_name)
                 self.manager.unregister(name=impl.plugin_name)
+        return None
 
     # -- serving ---------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED):
-        """Run until ``request_shutdown`` is called or the surrounding scope is cancelled."""
+        """Run until ``request_shutdown`` is called or the surrounding scope is cancelled.
+
+        :raises GatewayStartupError: before ``task_status.started``, when the config, a
+            plugin, the store or the listening address is unusable.
+        """
         if self._manager is None:
             self.prepare()
         await self._open_services()
-        limits = self._loaded.gateway.limits
+        host, port = self._loaded.gateway.host, self._loaded.gateway.port
+        failure: GatewayStartupError | None = None
         try:
+            # Start-up errors are raised outside every nursery, so that callers get the
+            # GatewayStartupError itself rather than one buried in nested exception groups.
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host)
+            except OSError as exc:
+                raise GatewayStartupError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from exc
             async with trio.open_nursery() as background:
                 self.services.nursery = background
                 self.jobs.attach(background)
-                self._start_plugins(background)
-                background.start_soon(self._tick_loop)
-                async with trio.open_nursery() as handlers:
-                    server = await handlers.start(
-                        partial(
-                            serve_websocket,
-                            self._handle,
-                            self._loaded.gateway.host,
-                            self._loaded.gateway.port,
-                            None,
-                            handler_nursery=handlers,
-                            max_message_size=limits.max_payload,
-                        )
-                    )
-                    self.port = server.port
-                    logger.info(
-                        "gateway listening",
-                        extra={"host": self._loaded.gateway.host, "port": self.port},
-                    )
-                    task_status.started(self)
-                    await self._stop_requested.wait()
-                    await self._drain()
-                    handlers.cancel_scope.cancel()
-                self.call_each("anima_shutdown", services=self.services)
+                failure = self._start_plugins(background)
+                if failure is None:
+                    background.start_soon(self._tick_loop)
+                    await self._serve_clients(listeners, task_status)
+                    self.call_each("anima_shutdown", services=self.services)
+                else:
+                    for listener in listeners:
+                        await listener.aclose()
                 background.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self.services.store.aclose()
+        if failure is not None:
+            raise failure
+
+    async def _serve_clients(
+        self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Gateway]
+    ) -> None:
+        limits = self._loaded.gateway.limits
+        async with trio.open_nursery() as handlers:
+            server = WebSocketServer(
+                self._handle,
+                listeners,
+                handler_nursery=handlers,
+                max_message_size=limits.max_payload,
+            )
+            await handlers.start(server.run)
+            self.port = server.port
+            logger.info(
+                "gateway listening",
+                extra={"host": self._loaded.gateway.host, "port": self.port},
+            )
+            task_status.started(self)
+            await self._stop_requested.wait()
+            await self._drain()
+            handlers.cancel_scope.cancel()
 
     def request_shutdown(
         self, reason: str = "gateway stopping", restart_expected_ms: int | None = None

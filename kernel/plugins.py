@@ -20,7 +20,7 @@ import msgspec
 import pluggy
 
 from . import hookspecs
-from .specs import ConfigSection, EventSpec, MethodSpec, StoreSchema
+from .specs import PAIRING, ConfigSection, EventSpec, MethodSpec, StoreSchema
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -38,11 +38,25 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "anima.plugins"
 
 #: Events the kernel itself emits. ``connect.challenge`` precedes the handshake and carries
-#: no seq; it is listed so that clients see it in ``features.events``.
+#: no seq; it is listed so that clients see it in ``features.events``. Pairing happens in the
+#: handshake, so its two events are the kernel's too (``kernel.devices``), whichever plugin
+#: serves the ``device.pair.*`` methods.
 KERNEL_EVENTS = (
     EventSpec("connect.challenge", scope=None, description="nonce to sign, before connect"),
     EventSpec("tick", scope=None, droppable=True, description="keepalive"),
     EventSpec("shutdown", scope=None, description="the gateway is stopping"),
+    EventSpec(
+        "device.pair.requested",
+        scope=PAIRING,
+        droppable=True,
+        description="a remote device asks to be paired",
+    ),
+    EventSpec(
+        "device.pair.resolved",
+        scope=PAIRING,
+        droppable=True,
+        description="a pairing request was approved or rejected",
+    ),
 )
 RESERVED_METHODS = frozenset({"connect"})
 

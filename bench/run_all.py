@@ -1,0 +1,952 @@
+"""Regenerate ``bench/RESULTS.md``: every scenario, against the gateway and the bare server.
+
+Starts ``bench/bare_server.py`` and, when the ``anima-gateway`` console script exists, the
+gateway (``anima-gateway run`` with a temporary state directory) as subprocesses. With two
+or more usable CPUs the servers are pinned to one core and the load generator to another.
+Each scenario runs R times per target, gateway and bare back to back, and the report gives
+the median with the min-max spread, the gateway/bare ratio, and the product goals marked
+met or not met. The idle-memory scenario starts a fresh server for every run, which also
+yields the resident memory at start.
+
+Every subprocess is stopped in ``finally``; every loop is bounded in count and every
+subprocess wait in time; all traffic goes to 127.0.0.1.
+
+Usage: ``python bench/run_all.py [--quick] [--runs R] [--idle-connections K] ...``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import secrets
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+LOADGEN = BENCH_DIR / "loadgen.py"
+BARE_SERVER = BENCH_DIR / "bare_server.py"
+HOST = "127.0.0.1"
+GATEWAY = "gateway"
+BARE = "bare"
+TARGETS = (GATEWAY, BARE)
+SERVER_START_TIMEOUT_S = 30.0
+SERVER_STOP_TIMEOUT_S = 5.0
+LOADGEN_SLACK_S = 60.0
+MAX_STARTS_PER_TARGET = 3
+QUIET_SAMPLE_S = 0.25
+QUIET_CPU_SHARE = 0.05
+QUIET_WAIT_LIMIT_S = 5.0
+PACKAGES = ("trio", "trio-websocket", "wsproto", "msgspec", "cryptography")
+
+
+class ServerUnavailable(Exception):
+    """A server could not be started; the message says why, for the report."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load-generator invocation, run R times against each target."""
+
+    key: str
+    title: str
+    mode: str
+    args: tuple[str, ...]
+    fresh_server: bool = False
+
+
+@dataclass
+class Settings:
+    """What this invocation of run_all measures, and how long."""
+
+    runs: int
+    duration: float
+    warmup: float
+    settle: float
+    idle_connections: int
+    fanout_subscribers: int
+    handshake_clients: int
+    client: str
+    quick: bool
+    output: Path
+    skip_gateway: bool
+
+
+@dataclass
+class RunOutcome:
+    """One loadgen run: its JSON result, or why there is none."""
+
+    result: dict[str, Any] | None
+    failure: str | None = None
+
+
+@dataclass
+class ServerProcess:
+    """A running server subprocess and where its log goes."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 8) -> str:
+        """Last lines of the server's log, to say why it failed."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Terminate, then kill if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(SERVER_STOP_TIMEOUT_S)
+
+
+def scenarios(settings: Settings) -> list[Scenario]:
+    """The fixed scenario list, sized by ``settings``."""
+    handshake_clients = str(settings.handshake_clients)
+    return [
+        Scenario(
+            "idle",
+            f"idle memory, {settings.idle_connections} connections",
+            "idle",
+            ("--connections", str(settings.idle_connections)),
+            fresh_server=True,
+        ),
+        Scenario(
+            "rpc-1x1",
+            "rpc 1 connection x 1 in flight",
+            "rpc",
+            ("--connections", "1", "--inflight", "1"),
+        ),
+        Scenario("rpc-16x8", "rpc 16 x 8", "rpc", ("--connections", "16", "--inflight", "8")),
+        Scenario("rpc-64x8", "rpc 64 x 8", "rpc", ("--connections", "64", "--inflight", "8")),
+        Scenario(
+            "handshakes",
+            f"handshakes, token only, {handshake_clients} clients",
+            "handshakes",
+            ("--connections", handshake_clients),
+        ),
+        Scenario(
+            "handshakes-device",
+            f"handshakes, Ed25519 device, {handshake_clients} clients",
+            "handshakes",
+            ("--connections", handshake_clients, "--device"),
+        ),
+        Scenario(
+            "fanout",
+            f"fanout, {settings.fanout_subscribers} subscribers",
+            "fanout",
+            ("--connections", str(settings.fanout_subscribers), "--inflight", "4"),
+        ),
+    ]
+
+
+def _pinning_preexec(cpu: int | None) -> Callable[[], None] | None:
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_listener(server: ServerProcess, timeout: float) -> None:
+    """Poll until the server accepts TCP connections or exits; bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise ServerUnavailable(
+                f"{server.name} exited with code {server.process.returncode} during start-up"
+                + _indented_log(server)
+            )
+        with contextlib.suppress(OSError), socket.create_connection((HOST, server.port), 0.5):
+            return
+        time.sleep(0.1)
+    raise ServerUnavailable(
+        f"{server.name} did not listen on {HOST}:{server.port} within {timeout:.0f} s"
+        + _indented_log(server)
+    )
+
+
+def _indented_log(server: ServerProcess) -> str:
+    tail = server.log_tail()
+    return ("; log tail:\n" + tail) if tail else " (empty log)"
+
+
+def _read_port_line(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """Read the first stdout line (the port) without blocking past ``timeout``."""
+    import selectors
+
+    assert process.stdout is not None
+    line = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise ServerUnavailable("bare server did not print its port in time")
+            chunk = os.read(process.stdout.fileno(), 64)
+            if not chunk:
+                raise ServerUnavailable(f"bare server exited with code {process.wait()}")
+            line += chunk
+    return int(line)
+
+
+def start_bare(cpu: int | None, token: str, log_dir: Path) -> ServerProcess:
+    """Start the bare server on a free port and wait until it listens."""
+    log_path = log_dir / f"bare-{time.monotonic_ns()}.log"
+    command = [sys.executable, str(BARE_SERVER), "--host", HOST, "--port", "0"]
+    command += ["--token", token] + (["--cpu", str(cpu)] if cpu is not None else [])
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+    server = ServerProcess(BARE, process, 0, log_path)
+    try:
+        server.port = _read_port_line(process, SERVER_START_TIMEOUT_S)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def gateway_script() -> Path | None:
+    """The ``anima-gateway`` console script next to this interpreter, or on PATH."""
+    beside = Path(sys.executable).parent / "anima-gateway"
+    if beside.exists():
+        return beside
+    found = shutil.which("anima-gateway")
+    return Path(found) if found else None
+
+
+def start_gateway(cpu: int | None, token: str, state_root: Path, log_dir: Path) -> ServerProcess:
+    """Start ``anima-gateway run`` with a fresh state directory and wait until it listens."""
+    script = gateway_script()
+    if script is None:
+        raise ServerUnavailable("the `anima-gateway` console script is not installed")
+    state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=state_root))
+    port = _free_port()
+    env = {**os.environ, "ANIMA_STATE_DIR": str(state_dir), "ANIMA_GATEWAY_TOKEN": token}
+    log_path = log_dir / f"gateway-{time.monotonic_ns()}.log"
+    command = [str(script), "run", "--host", HOST, "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # preexec_fn is unsafe only with threads, and run_all starts none.
+            preexec_fn=_pinning_preexec(cpu),
+        )
+    server = ServerProcess(GATEWAY, process, port, log_path)
+    try:
+        _wait_for_listener(server, SERVER_START_TIMEOUT_S)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def run_loadgen(
+    scenario: Scenario,
+    server: ServerProcess,
+    settings: Settings,
+    token: str,
+    generator_cpu: int | None,
+) -> RunOutcome:
+    """Run one loadgen process with ``--json`` and parse its single JSON line."""
+    command = [
+        sys.executable,
+        str(LOADGEN),
+        scenario.mode,
+        "--url",
+        f"ws://{HOST}:{server.port}",
+        "--token",
+        token,
+        "--duration",
+        str(settings.duration),
+        "--warmup",
+        str(settings.settle if scenario.mode == "idle" else settings.warmup),
+        "--server-pid",
+        str(server.pid),
+        "--client",
+        settings.client,
+        "--json",
+        *scenario.args,
+    ]
+    if generator_cpu is not None:
+        command += ["--cpu", str(generator_cpu)]
+    timeout = settings.warmup + settings.duration + LOADGEN_SLACK_S
+    try:
+        completed = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return RunOutcome(None, f"loadgen did not finish within {timeout:.0f} s")
+    stderr_tail = completed.stderr.decode(errors="replace").strip()[-600:]
+    lines = completed.stdout.decode(errors="replace").strip().splitlines()
+    if completed.returncode not in (0, 1) or not lines:
+        return RunOutcome(None, f"loadgen exited {completed.returncode}: {stderr_tail}")
+    try:
+        return RunOutcome(json.loads(lines[-1]))
+    except json.JSONDecodeError as exc:
+        return RunOutcome(None, f"loadgen printed no JSON ({exc}): {stderr_tail}")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(servers: list[ServerProcess]) -> list[str]:
+    """Wait (bounded) until no server burns CPU, so leftover work (closing the previous
+    run's sockets, timers) does not steal the shared server core from the next run.
+
+    Returns the names of servers still busy when the wait gave up.
+    """
+    deadline = time.monotonic() + QUIET_WAIT_LIMIT_S
+    busy = [server.name for server in servers]
+    while busy and time.monotonic() < deadline:
+        before = {server.name: _cpu_seconds(server.pid) for server in servers}
+        time.sleep(QUIET_SAMPLE_S)
+        busy = []
+        for server in servers:
+            start, end = before[server.name], _cpu_seconds(server.pid)
+            if (
+                start is not None
+                and end is not None
+                and end - start > QUIET_CPU_SHARE * QUIET_SAMPLE_S
+            ):
+                busy.append(server.name)
+    return busy
+
+
+def read_rss_kib(pid: int) -> int | None:
+    """VmRSS of ``pid`` in KiB, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class Bench:
+    """Owns the server processes and collects every run's outcome."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.token = secrets.token_urlsafe(24)
+        self.log_dir = workdir / "logs"
+        self.state_root = workdir / "state"
+        self.log_dir.mkdir()
+        self.state_root.mkdir()
+        self.server_cpu, self.generator_cpu = choose_cpus()
+        self.targets = [BARE] if settings.skip_gateway else list(TARGETS)
+        self.unavailable: dict[str, str] = {}
+        if settings.skip_gateway:
+            self.unavailable[GATEWAY] = "skipped with --skip-gateway"
+        elif gateway_script() is None:
+            self.unavailable[GATEWAY] = (
+                f"the `anima-gateway` console script was not found next to {sys.executable}"
+                " or on PATH"
+            )
+        self.outcomes: dict[tuple[str, str], list[RunOutcome]] = {}
+        self.start_rss_kib: dict[str, list[int]] = {target: [] for target in TARGETS}
+        self.notes: list[str] = []
+        self._servers: dict[str, ServerProcess] = {}
+        self._starts: dict[str, int] = dict.fromkeys(TARGETS, 0)
+        self._all_started: list[ServerProcess] = []
+
+    def _start(self, target: str) -> ServerProcess:
+        self._starts[target] += 1
+        if target == BARE:
+            server = start_bare(self.server_cpu, self.token, self.log_dir)
+        else:
+            server = start_gateway(self.server_cpu, self.token, self.state_root, self.log_dir)
+        self._all_started.append(server)
+        return server
+
+    def _long_lived(self, target: str) -> ServerProcess:
+        """The shared server for ``target``, restarted (a bounded number of times) if dead."""
+        server = self._servers.get(target)
+        if server is not None and server.alive():
+            return server
+        if server is not None:
+            self.notes.append(
+                f"{target} exited with code {server.process.returncode} between runs and was"
+                f" restarted; log tail:\n\n```\n{server.log_tail()}\n```"
+            )
+        if self._starts[target] >= MAX_STARTS_PER_TARGET:
+            raise ServerUnavailable(f"{target} was started {MAX_STARTS_PER_TARGET} times already")
+        server = self._start(target)
+        self._servers[target] = server
+        return server
+
+    def _record(self, scenario: Scenario, target: str, outcome: RunOutcome) -> None:
+        self.outcomes.setdefault((scenario.key, target), []).append(outcome)
+        result = outcome.result
+        if result is None:
+            summary = f"FAILED: {outcome.failure}"
+        else:
+            summary = f"errors={result['errors']} " + headline(scenario.mode, result)
+        print(f"  {scenario.key:<18} {target:<8} {summary}", flush=True)
+
+    def run_scenario(self, scenario: Scenario) -> None:
+        """R runs, each target back to back within a run."""
+        print(f"{scenario.title}", flush=True)
+        for _ in range(self.settings.runs):
+            for target in self.targets:
+                if target in self.unavailable:
+                    continue
+                if scenario.fresh_server:
+                    self._fresh_run(scenario, target)
+                    continue
+                try:
+                    server = self._long_lived(target)
+                except ServerUnavailable as exc:
+                    self._note_unavailable(target, str(exc))
+                    continue
+                self._settle_servers(scenario)
+                outcome = run_loadgen(
+                    scenario, server, self.settings, self.token, self.generator_cpu
+                )
+                self._record(scenario, target, outcome)
+
+    def _fresh_run(self, scenario: Scenario, target: str) -> None:
+        try:
+            server = self._start(target)
+        except ServerUnavailable as exc:
+            self._note_unavailable(target, str(exc))
+            return
+        try:
+            time.sleep(self.settings.settle)
+            self._settle_servers(scenario)
+            rss = read_rss_kib(server.pid)
+            if rss is not None:
+                self.start_rss_kib[target].append(rss)
+            outcome = run_loadgen(scenario, server, self.settings, self.token, self.generator_cpu)
+            self._record(scenario, target, outcome)
+        finally:
+            server.stop()
+
+    def _settle_servers(self, scenario: Scenario) -> None:
+        running = [server for server in self._all_started if server.alive()]
+        for name in wait_until_quiet(running):
+            self.notes.append(
+                f"{scenario.key}: {name} was still using CPU {QUIET_WAIT_LIMIT_S:g} s after"
+                " the previous run; this run shared the server core with it"
+            )
+
+    def _note_unavailable(self, target: str, reason: str) -> None:
+        print(f"  {target} unavailable: {reason}", flush=True)
+        if not any(self.outcomes.get((key, target)) for key, _ in self.outcomes):
+            self.unavailable.setdefault(target, reason)
+        else:
+            self.notes.append(f"{target} became unavailable: {reason}")
+
+    def close(self) -> None:
+        """Stop every server this run started."""
+        for server in self._all_started:
+            with contextlib.suppress(Exception):
+                server.stop()
+
+
+def choose_cpus() -> tuple[int | None, int | None]:
+    """Servers on the first usable CPU, the generator on the second (if there is one)."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) >= 2:
+        return usable[0], usable[1]
+    return None, None
+
+
+def headline(mode: str, result: dict[str, Any]) -> str:
+    """The main figure of a run, for the progress lines."""
+    if mode == "rpc":
+        return f"{result['rps']:,.0f} rps p99 {result['latency_ms']['p99']} ms"
+    if mode == "handshakes":
+        return f"{result['handshakes_per_s']:,.0f} handshakes/s"
+    if mode == "idle":
+        return f"{result['kib_per_connection']} KiB/connection"
+    return f"{result['events_per_s']:,.0f} events/s, {result['seq_gaps']} seq gaps"
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft descriptor limit; children (servers, generator) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of the report, read from every run of one scenario."""
+
+    scenario: str
+    label: str
+    extract: Callable[[dict[str, Any]], float | None]
+    style: str
+
+
+def _key(*path: str) -> Callable[[dict[str, Any]], float | None]:
+    def extract(result: dict[str, Any]) -> float | None:
+        value: Any = result
+        for name in path:
+            value = value.get(name) if isinstance(value, dict) else None
+        return float(value) if isinstance(value, int | float) else None
+
+    return extract
+
+
+START_RSS = "start-rss"
+SECTIONS: list[tuple[str, list[Metric]]] = [
+    (
+        "Requests (rpc, `last-heartbeat`)",
+        [
+            metric
+            for shape in ("1x1", "16x8", "64x8")
+            for metric in (
+                Metric(f"rpc-{shape}", f"{shape} requests/s", _key("rps"), "count"),
+                Metric(f"rpc-{shape}", f"{shape} p50 ms", _key("latency_ms", "p50"), "ms"),
+                Metric(f"rpc-{shape}", f"{shape} p99 ms", _key("latency_ms", "p99"), "ms"),
+            )
+        ],
+    ),
+    (
+        "Handshakes (open, challenge, connect, hello-ok, close)",
+        [
+            Metric("handshakes", "token only, handshakes/s", _key("handshakes_per_s"), "count"),
+            Metric("handshakes", "token only, p99 ms", _key("latency_ms", "p99"), "ms"),
+            Metric(
+                "handshakes-device",
+                "Ed25519 device, handshakes/s",
+                _key("handshakes_per_s"),
+                "count",
+            ),
+            Metric("handshakes-device", "Ed25519 device, p99 ms", _key("latency_ms", "p99"), "ms"),
+        ],
+    ),
+    (
+        "Memory",
+        [
+            Metric(START_RSS, "resident at start, MiB", _key("mib"), "size"),
+            Metric("idle", "KiB per idle connection", _key("kib_per_connection"), "size"),
+        ],
+    ),
+    (
+        "Fan-out (`system-event` -> `presence.changed`)",
+        [
+            Metric("fanout", "events delivered/s", _key("events_per_s"), "count"),
+            Metric("fanout", "emitter calls/s", _key("emits_per_s"), "count"),
+            Metric("fanout", "delivery ratio", _key("delivery_ratio"), "ratio"),
+            Metric("fanout", "seq gaps", _key("seq_gaps"), "count"),
+        ],
+    ),
+]
+
+
+def _format(value: float | None, style: str) -> str:
+    if value is None:
+        return "n/a"
+    if style == "count":
+        return f"{value:,.0f}"
+    if style == "ms":
+        return f"{value:.3f}"
+    if style == "ratio":
+        return f"{value:.3f}"
+    return f"{value:,.1f}"
+
+
+class Report:
+    """Turns a finished ``Bench`` into RESULTS.md."""
+
+    def __init__(self, bench: Bench, command: list[str], started: datetime.datetime) -> None:
+        self.bench = bench
+        self.settings = bench.settings
+        self.command = command
+        self.started = started
+
+    def values(self, metric: Metric, target: str) -> list[float]:
+        """The metric over every successful run of ``target``."""
+        if metric.scenario == START_RSS:
+            return [kib / 1024 for kib in self.bench.start_rss_kib[target]]
+        found = []
+        for outcome in self.bench.outcomes.get((metric.scenario, target), []):
+            if outcome.result is not None:
+                value = metric.extract(outcome.result)
+                if value is not None:
+                    found.append(value)
+        return found
+
+    def median(self, metric: Metric, target: str) -> float | None:
+        found = self.values(metric, target)
+        return statistics.median(found) if found else None
+
+    def cell(self, metric: Metric, target: str) -> str:
+        """``median (min-max)`` for the runs of ``target``, or why there is nothing."""
+        if target in self.bench.unavailable:
+            return "not measured"
+        found = self.values(metric, target)
+        if not found:
+            return "no data"
+        text = _format(statistics.median(found), metric.style)
+        if len(found) > 1:
+            low, high = _format(min(found), metric.style), _format(max(found), metric.style)
+            text += f" ({low}-{high})"
+        return text
+
+    def ratio(self, metric: Metric) -> str:
+        gateway, bare = self.median(metric, GATEWAY), self.median(metric, BARE)
+        if gateway is None or bare is None or bare == 0:
+            return "n/a"
+        return f"{gateway / bare:.2f}"
+
+    def render(self) -> str:
+        """The whole Markdown document."""
+        parts = [
+            self._header(),
+            self._goals(),
+            *self._sections(),
+            self._busy(),
+            self._errors(),
+            self._notes(),
+        ]
+        return "\n\n".join(part for part in parts if part) + "\n"
+
+    def _header(self) -> str:
+        settings = self.settings
+        mode = "**quick smoke run** (numbers are indicative only)" if settings.quick else "full run"
+        usable = len(os.sched_getaffinity(0))
+        if self.bench.server_cpu is None:
+            pinning = "not pinned (fewer than two usable CPUs)"
+        else:
+            pinning = (
+                f"servers on CPU {self.bench.server_cpu}, load generator on CPU"
+                f" {self.bench.generator_cpu}"
+            )
+        versions = ", ".join(f"{name} {_version(name)}" for name in PACKAGES)
+        lines = [
+            "# Benchmark results",
+            "",
+            "Generated by `bench/run_all.py`; do not edit by hand, rerun it.",
+            "",
+            f"- Date: {self.started:%Y-%m-%d %H:%M} UTC",
+            f"- Command: `{shlex.join(self.command)}`",
+            f"- Run: {mode}; {settings.runs} run(s) per scenario and target, each measuring"
+            f" {settings.duration:g} s after {settings.warmup:g} s warm-up; values are the"
+            " median with the (min-max) spread",
+            f"- Machine: {_cpu_model()}, {os.cpu_count()} logical CPUs ({usable} usable),"
+            f" {_memory_gib():.1f} GiB RAM, Linux {platform.release()}",
+            f"- Pinning: {pinning}",
+            f"- Software: Python {platform.python_version()}, {versions}",
+            f"- Load generator client: `{settings.client}` (see bench/README.md)",
+            f"- Gateway: {self._gateway_line()}",
+        ]
+        return "\n".join(lines)
+
+    def _gateway_line(self) -> str:
+        reason = self.bench.unavailable.get(GATEWAY)
+        if reason is not None:
+            return (
+                "**NOT MEASURED** — "
+                + reason.replace("\n", " ")[:600]
+                + ". Only the bare-server half below has numbers."
+            )
+        return (
+            f"`anima-gateway run --host {HOST} --port <free port>` with a fresh temporary"
+            f" `ANIMA_STATE_DIR`, at `{_git_revision()}`"
+        )
+
+    def _goals(self) -> str:
+        rows = ["## Product goals", ""]
+        rows += ["| goal | gateway | status | bare ceiling |", "|---|---|---|---|"]
+        for title, evaluate in GOALS:
+            gateway_text, met = evaluate(self, GATEWAY)
+            bare_text, _ = evaluate(self, BARE)
+            if GATEWAY in self.bench.unavailable:
+                gateway_text, status = "n/a", "not measured"
+            elif met is None:
+                status = "no data"
+            else:
+                status = "met" if met else "**not met**"
+            rows.append(f"| {title} | {gateway_text} | {status} | {bare_text} |")
+        return "\n".join(rows)
+
+    def _sections(self) -> list[str]:
+        rendered = []
+        for title, metrics in SECTIONS:
+            rows = [f"## {title}", "", "| metric | gateway | bare | gateway/bare |"]
+            rows.append("|---|---|---|---|")
+            for metric in metrics:
+                rows.append(
+                    f"| {metric.label} | {self.cell(metric, GATEWAY)} |"
+                    f" {self.cell(metric, BARE)} | {self.ratio(metric)} |"
+                )
+            rendered.append("\n".join(rows))
+        return rendered
+
+    def _busy(self) -> str:
+        rows = [
+            "## Who was busy (median CPU during the measured window, % of one core)",
+            "",
+            "A load generator near 100% would mean the run measured the client.",
+            "",
+            "| scenario | target | generator CPU | server CPU |",
+            "|---|---|---|---|",
+        ]
+        for scenario in scenarios(self.settings):
+            for target in self.bench.targets:
+                if (scenario.key, target) not in self.bench.outcomes:
+                    continue
+                client = Metric(scenario.key, "", _key("client_cpu_pct"), "count")
+                server = Metric(scenario.key, "", _key("server_cpu_pct"), "count")
+                rows.append(
+                    f"| {scenario.key} | {target} | {self.cell(client, target)} |"
+                    f" {self.cell(server, target)} |"
+                )
+        return "\n".join(rows)
+
+    def _errors(self) -> str:
+        rows = ["## Errors", ""]
+        found = False
+        for (scenario_key, target), outcomes in self.bench.outcomes.items():
+            for number, outcome in enumerate(outcomes, start=1):
+                where = f"{scenario_key}, {target}, run {number}"
+                if outcome.result is None:
+                    found = True
+                    rows.append(f"- {where}: **run failed**: {outcome.failure}")
+                elif outcome.result["errors"]:
+                    found = True
+                    rows.append(f"- {where}: {outcome.result['errors']} error(s)")
+                    rows += [f"  - `{sample}`" for sample in outcome.result["error_samples"]]
+        if not found:
+            rows.append("No errors in any run.")
+        return "\n".join(rows)
+
+    def _notes(self) -> str:
+        rows = [
+            "## Notes",
+            "",
+            "- The bare server (`bench/bare_server.py`) is trio-websocket answering the same"
+            " frames with the least work (it still verifies Ed25519 signatures); it is the"
+            " ceiling of the stack on this machine, so gateway/bare is the share of it the"
+            " gateway reaches. For latencies a ratio above 1 means slower.",
+            "- Idle memory and resident-at-start come from a fresh server per run: RSS read"
+            f" {self.settings.settle:g} s after it listens, then the idle connections are"
+            " opened and RSS is read again after they settle.",
+        ]
+        rows += [f"- {note}" for note in self.bench.notes]
+        return "\n".join(rows)
+
+
+GoalCheck = Callable[[Report, str], tuple[str, bool | None]]
+
+
+def _rps(scenario: str) -> Metric:
+    return Metric(scenario, "", _key("rps"), "count")
+
+
+def _goal_rps_16x8(report: Report, target: str) -> tuple[str, bool | None]:
+    rps = report.median(_rps("rpc-16x8"), target)
+    return (_format(rps, "count") + " rps", None if rps is None else rps >= 9500)
+
+
+def _goal_1x1(report: Report, target: str) -> tuple[str, bool | None]:
+    rps = report.median(_rps("rpc-1x1"), target)
+    p99 = report.median(Metric("rpc-1x1", "", _key("latency_ms", "p99"), "ms"), target)
+    text = f"{_format(rps, 'count')} rps, p99 {_format(p99, 'ms')} ms"
+    if rps is None or p99 is None:
+        return text, None
+    return text, rps >= 3000 and p99 < 1.0
+
+
+def _goal_no_collapse(report: Report, target: str) -> tuple[str, bool | None]:
+    wide, base = report.median(_rps("rpc-64x8"), target), report.median(_rps("rpc-16x8"), target)
+    if wide is None or not base:
+        return "n/a", None
+    share = wide / base
+    return f"64x8 = {share:.0%} of 16x8", share >= 0.9
+
+
+def _goal_handshakes(report: Report, target: str) -> tuple[str, bool | None]:
+    rate = report.median(Metric("handshakes-device", "", _key("handshakes_per_s"), ""), target)
+    return (_format(rate, "count") + " /s", None if rate is None else rate >= 600)
+
+
+def _goal_idle(report: Report, target: str) -> tuple[str, bool | None]:
+    kib = report.median(Metric("idle", "", _key("kib_per_connection"), ""), target)
+    return (_format(kib, "size") + " KiB", None if kib is None else kib <= 24)
+
+
+def _goal_start_rss(report: Report, target: str) -> tuple[str, bool | None]:
+    mib = report.median(Metric(START_RSS, "", _key("mib"), ""), target)
+    return (_format(mib, "size") + " MiB", None if mib is None else mib <= 60)
+
+
+GOALS: list[tuple[str, GoalCheck]] = [
+    ("≥ 9,500 requests/s at 16x8", _goal_rps_16x8),
+    ("≥ 3,000 requests/s at 1x1 with p99 < 1 ms", _goal_1x1),
+    ("no collapse at 64x8 (≥ 90% of 16x8)", _goal_no_collapse),
+    ("≥ 600 handshakes/s with Ed25519 verification", _goal_handshakes),
+    ("≤ 24 KiB per idle connection", _goal_idle),
+    ("≤ 60 MiB resident at start", _goal_start_rss),
+]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _memory_gib() -> float:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / (1024 * 1024)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _git_revision() -> str:
+    """Commit of the working tree (read-only git), flagged when it has local changes."""
+    try:
+        revision = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown revision"
+    return f"{revision} + uncommitted changes" if dirty else revision
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Parse the command line; ``--quick`` changes the defaults, explicit flags win."""
+    parser = argparse.ArgumentParser(description="Regenerate bench/RESULTS.md.")
+    parser.add_argument("--quick", action="store_true", help="short smoke run, ~1 s/scenario")
+    parser.add_argument("--runs", type=int, help="runs per scenario and target (default 3)")
+    parser.add_argument("--duration", type=float, help="measured seconds per run (default 5)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds first (default 1)")
+    parser.add_argument("--settle", type=float, help="seconds before RSS readings (default 1)")
+    parser.add_argument("--idle-connections", type=int, help="idle scenario size (default 500)")
+    parser.add_argument("--fanout-subscribers", type=int, default=100)
+    parser.add_argument("--handshake-clients", type=int, default=8)
+    parser.add_argument("--client", default="raw", help="loadgen --client (default raw)")
+    parser.add_argument("--skip-gateway", action="store_true", help="measure the bare server only")
+    parser.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md")
+    args = parser.parse_args(argv)
+    quick = args.quick
+
+    def pick(value: Any, full: Any, short: Any) -> Any:
+        return value if value is not None else (short if quick else full)
+
+    settings = Settings(
+        runs=pick(args.runs, 3, 1),
+        duration=pick(args.duration, 5.0, 1.0),
+        warmup=pick(args.warmup, 1.0, 0.2),
+        settle=pick(args.settle, 1.0, 0.3),
+        idle_connections=pick(args.idle_connections, 500, 100),
+        fanout_subscribers=args.fanout_subscribers,
+        handshake_clients=args.handshake_clients,
+        client=args.client,
+        quick=quick,
+        output=args.output,
+        skip_gateway=args.skip_gateway,
+    )
+    if settings.runs < 1 or settings.runs > 50:
+        parser.error("--runs must be between 1 and 50")
+    if settings.duration <= 0 or settings.duration > 600:
+        parser.error("--duration must be in (0, 600] seconds")
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run everything, write the report, and stop every process started."""
+    settings = parse_args(argv)
+    raise_open_file_limit()
+    started = datetime.datetime.now(datetime.UTC)
+    command = [Path(sys.executable).name, *sys.argv] if argv is None else ["run_all.py", *argv]
+    with tempfile.TemporaryDirectory(prefix="anima-bench-") as workdir:
+        bench = Bench(settings, Path(workdir))
+        if GATEWAY in bench.unavailable:
+            print(f"gateway not measured: {bench.unavailable[GATEWAY]}", flush=True)
+        try:
+            for scenario in scenarios(settings):
+                bench.run_scenario(scenario)
+        finally:
+            bench.close()
+        report = Report(bench, command, started).render()
+    settings.output.write_text(report, encoding="utf-8")
+    troubled = sum(
+        1
+        for outcomes in bench.outcomes.values()
+        for outcome in outcomes
+        if outcome.result is None or outcome.result["errors"]
+    )
+    print(f"wrote {settings.output}; {troubled} run(s) failed or reported errors", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

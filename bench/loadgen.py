@@ -148,17 +148,30 @@ def _process_cpu_seconds(pid: int) -> float:
 
 @dataclass
 class CpuSample:
-    """CPU seconds used so far by this process and by the server, at one moment."""
+    """CPU seconds used so far by this process, the server and the whole machine."""
 
     wall: float
     client: float
     server: float | None
+    machine: float | None
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all CPUs spent not idle since boot (``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuMeter:
-    """Measures how busy the generator and the server were during the window.
+    """Measures how busy the generator, the server and the machine were during the window.
 
-    A generator near 100% of its core means the numbers measure the client, not the server.
+    A generator near 100% of its core means the numbers measure the client, not the server;
+    "other" CPU (machine minus both) means something else shared the machine.
     """
 
     def __init__(self, server_pid: int | None) -> None:
@@ -171,17 +184,29 @@ class CpuMeter:
                 server = _process_cpu_seconds(self._server_pid)
             except OSError:
                 server = None
-        return CpuSample(time.perf_counter(), time.process_time(), server)
+        return CpuSample(time.perf_counter(), time.process_time(), server, machine_busy_seconds())
 
     @staticmethod
     def percentages(before: CpuSample, after: CpuSample) -> dict[str, float | None]:
+        """CPU use across the interval, each in percent of one core."""
         wall = max(after.wall - before.wall, 1e-9)
-        server = None
-        if before.server is not None and after.server is not None:
-            server = round(100.0 * (after.server - before.server) / wall, 1)
+
+        def share(start: float | None, end: float | None) -> float | None:
+            if start is None or end is None:
+                return None
+            return round(100.0 * (end - start) / wall, 1)
+
+        client = share(before.client, after.client)
+        server = share(before.server, after.server)
+        machine = share(before.machine, after.machine)
+        other = None
+        if machine is not None and client is not None and server is not None:
+            other = round(max(0.0, machine - client - server), 1)
         return {
-            "client_cpu_pct": round(100.0 * (after.client - before.client) / wall, 1),
+            "client_cpu_pct": client,
             "server_cpu_pct": server,
+            "machine_cpu_pct": machine,
+            "other_cpu_pct": other,
         }
 
 
@@ -342,7 +367,9 @@ async def run_handshakes(
                 stats.completed += 1
                 stats.latencies.append(opened - started)
 
-    cpu: dict[str, float | None] = {"client_cpu_pct": None, "server_cpu_pct": None}
+    cpu: dict[str, float | None] = dict.fromkeys(
+        ("client_cpu_pct", "server_cpu_pct", "machine_cpu_pct", "other_cpu_pct")
+    )
     # Each iteration is bounded by connect_timeout plus the transport's close timeout.
     with trio.move_on_at(trio_deadline(window.end + target.connect_timeout + 2.0)):
         async with trio.open_nursery() as nursery:
@@ -572,7 +599,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 
 def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0f}% of one core"
+    return "n/a" if value is None else f"{value:.0f}%"
 
 
 def _latency_row(latency: dict[str, float | None]) -> str:
@@ -625,9 +652,10 @@ def human_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows += [("gap", sample) for sample in result["gap_samples"]]
     rows += [
         (
-            "cpu",
+            "cpu (1 core=100%)",
             f"client {_percent(result['client_cpu_pct'])}"
-            f"  server {_percent(result['server_cpu_pct'])}",
+            f"  server {_percent(result['server_cpu_pct'])}"
+            f"  others {_percent(result['other_cpu_pct'])}",
         ),
         ("errors", _fmt(result["errors"])),
     ]

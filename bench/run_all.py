@@ -52,6 +52,8 @@ LOADGEN_SLACK_S = 60.0
 MAX_STARTS_PER_TARGET = 3
 QUIET_SAMPLE_S = 0.25
 QUIET_CPU_SHARE = 0.05
+QUIET_MACHINE_SHARE = 0.25
+SHARED_MACHINE_PCT = 20.0
 QUIET_WAIT_LIMIT_S = 5.0
 PACKAGES = ("trio", "trio-websocket", "wsproto", "msgspec", "cryptography")
 
@@ -333,27 +335,43 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_quiet(servers: list[ServerProcess]) -> list[str]:
-    """Wait (bounded) until no server burns CPU, so leftover work (closing the previous
-    run's sockets, timers) does not steal the shared server core from the next run.
+def _machine_busy_seconds() -> float | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
-    Returns the names of servers still busy when the wait gave up.
+
+def wait_until_quiet(servers: list[ServerProcess]) -> str | None:
+    """Wait (bounded) until neither our servers nor other processes keep the CPUs busy.
+
+    Leftover work (closing the previous run's sockets, timers) or someone else's job would
+    otherwise share the cores with the next run. Returns what was still busy when the wait
+    gave up, or None once the machine was quiet.
     """
     deadline = time.monotonic() + QUIET_WAIT_LIMIT_S
-    busy = [server.name for server in servers]
-    while busy and time.monotonic() < deadline:
-        before = {server.name: _cpu_seconds(server.pid) for server in servers}
+    while True:
+        servers_before = {server.name: _cpu_seconds(server.pid) for server in servers}
+        machine_before = _machine_busy_seconds()
         time.sleep(QUIET_SAMPLE_S)
         busy = []
         for server in servers:
-            start, end = before[server.name], _cpu_seconds(server.pid)
-            if (
-                start is not None
-                and end is not None
-                and end - start > QUIET_CPU_SHARE * QUIET_SAMPLE_S
-            ):
-                busy.append(server.name)
-    return busy
+            start, end = servers_before[server.name], _cpu_seconds(server.pid)
+            if start is not None and end is not None:
+                share = (end - start) / QUIET_SAMPLE_S
+                if share > QUIET_CPU_SHARE:
+                    busy.append(f"{server.name} at {share:.0%} of a core")
+        machine_after = _machine_busy_seconds()
+        if machine_before is not None and machine_after is not None:
+            share = (machine_after - machine_before) / QUIET_SAMPLE_S
+            if share > QUIET_MACHINE_SHARE:
+                busy.append(f"the machine at {share:.0%} of a core")
+        if not busy:
+            return None
+        if time.monotonic() >= deadline:
+            return ", ".join(busy)
 
 
 def read_rss_kib(pid: int) -> int | None:
@@ -391,12 +409,12 @@ class Bench:
         self.outcomes: dict[tuple[str, str], list[RunOutcome]] = {}
         self.start_rss_kib: dict[str, list[int]] = {target: [] for target in TARGETS}
         self.notes: list[str] = []
+        self.busy_waits: list[str] = []
         self._servers: dict[str, ServerProcess] = {}
-        self._starts: dict[str, int] = dict.fromkeys(TARGETS, 0)
+        self._long_lived_starts: dict[str, int] = dict.fromkeys(TARGETS, 0)
         self._all_started: list[ServerProcess] = []
 
     def _start(self, target: str) -> ServerProcess:
-        self._starts[target] += 1
         if target == BARE:
             server = start_bare(self.server_cpu, self.token, self.log_dir)
         else:
@@ -414,8 +432,11 @@ class Bench:
                 f"{target} exited with code {server.process.returncode} between runs and was"
                 f" restarted; log tail:\n\n```\n{server.log_tail()}\n```"
             )
-        if self._starts[target] >= MAX_STARTS_PER_TARGET:
-            raise ServerUnavailable(f"{target} was started {MAX_STARTS_PER_TARGET} times already")
+        if self._long_lived_starts[target] >= MAX_STARTS_PER_TARGET:
+            raise ServerUnavailable(
+                f"{target} died after each of {MAX_STARTS_PER_TARGET} starts; giving up"
+            )
+        self._long_lived_starts[target] += 1
         server = self._start(target)
         self._servers[target] = server
         return server
@@ -469,11 +490,9 @@ class Bench:
 
     def _settle_servers(self, scenario: Scenario) -> None:
         running = [server for server in self._all_started if server.alive()]
-        for name in wait_until_quiet(running):
-            self.notes.append(
-                f"{scenario.key}: {name} was still using CPU {QUIET_WAIT_LIMIT_S:g} s after"
-                " the previous run; this run shared the server core with it"
-            )
+        still_busy = wait_until_quiet(running)
+        if still_busy:
+            self.busy_waits.append(f"{scenario.key}: {still_busy}")
 
     def _note_unavailable(self, target: str, reason: str) -> None:
         print(f"  {target} unavailable: {reason}", flush=True)
@@ -678,8 +697,27 @@ class Report:
             f"- Software: Python {platform.python_version()}, {versions}",
             f"- Load generator client: `{settings.client}` (see bench/README.md)",
             f"- Gateway: {self._gateway_line()}",
+            f"- Other load: {self._other_load_line()}",
         ]
         return "\n".join(lines)
+
+    def _other_load_line(self) -> str:
+        shares = [
+            outcome.result["other_cpu_pct"]
+            for outcomes in self.bench.outcomes.values()
+            for outcome in outcomes
+            if outcome.result is not None and outcome.result.get("other_cpu_pct") is not None
+        ]
+        if not shares:
+            return "unknown"
+        worst, typical = max(shares), statistics.median(shares)
+        text = (
+            f"other processes used {typical:.0f}% of a core in the median window and"
+            f" {worst:.0f}% at most"
+        )
+        if worst > SHARED_MACHINE_PCT:
+            text += " — **the machine was shared; treat spreads as noise, not signal**"
+        return text
 
     def _gateway_line(self) -> str:
         reason = self.bench.unavailable.get(GATEWAY)
@@ -726,21 +764,30 @@ class Report:
         rows = [
             "## Who was busy (median CPU during the measured window, % of one core)",
             "",
-            "A load generator near 100% would mean the run measured the client.",
+            "A load generator near 100% would mean the run measured the client; CPU used by"
+            " other processes during the window means the machine was shared and the numbers"
+            " are noisier.",
             "",
-            "| scenario | target | generator CPU | server CPU |",
-            "|---|---|---|---|",
+            "| scenario | target | generator CPU | server CPU | other processes |",
+            "|---|---|---|---|---|",
         ]
         for scenario in scenarios(self.settings):
             for target in self.bench.targets:
                 if (scenario.key, target) not in self.bench.outcomes:
                     continue
-                client = Metric(scenario.key, "", _key("client_cpu_pct"), "count")
-                server = Metric(scenario.key, "", _key("server_cpu_pct"), "count")
-                rows.append(
-                    f"| {scenario.key} | {target} | {self.cell(client, target)} |"
-                    f" {self.cell(server, target)} |"
-                )
+                cells = [
+                    self.cell(Metric(scenario.key, "", _key(name), "count"), target)
+                    for name in ("client_cpu_pct", "server_cpu_pct", "other_cpu_pct")
+                ]
+                rows.append(f"| {scenario.key} | {target} | " + " | ".join(cells) + " |")
+        if self.bench.busy_waits:
+            rows += [
+                "",
+                f"Before {len(self.bench.busy_waits)} run(s) the machine did not go quiet"
+                f" within {QUIET_WAIT_LIMIT_S:g} s, so those runs shared it with other work:",
+                "",
+            ]
+            rows += [f"- {entry}" for entry in self.bench.busy_waits]
         return "\n".join(rows)
 
     def _errors(self) -> str:
@@ -945,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
         if outcome.result is None or outcome.result["errors"]
     )
     print(f"wrote {settings.output}; {troubled} run(s) failed or reported errors", flush=True)
+    for target, reason in bench.unavailable.items():
+        print(f"{target} NOT MEASURED: {reason}", flush=True)
     return 0
 
 

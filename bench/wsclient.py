@@ -17,10 +17,24 @@ import contextlib
 import hashlib
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import trio
+import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 CLIENT_KINDS = ("raw", "wsproto", "trio-websocket")
 
@@ -284,7 +298,7 @@ def _check_upgrade_response(head: bytes, key: bytes) -> None:
 class WsprotoWebSocket:
     """The same interface over wsproto's sans-I/O client state machine."""
 
-    def __init__(self, stream: trio.SocketStream, connection: object) -> None:
+    def __init__(self, stream: trio.SocketStream, connection: WSConnection) -> None:
         self._stream = stream
         self._ws = connection
         self._text_parts: list[str] = []
@@ -296,9 +310,6 @@ class WsprotoWebSocket:
     @classmethod
     async def connect(cls, host: str, port: int, path: str) -> WsprotoWebSocket:
         """Open the TCP connection and let wsproto drive the upgrade."""
-        from wsproto import ConnectionType, WSConnection
-        from wsproto.events import Request
-
         stream = await trio.open_tcp_stream(host, port)
         try:
             client = cls(stream, WSConnection(ConnectionType.CLIENT))
@@ -310,8 +321,6 @@ class WsprotoWebSocket:
             raise
 
     async def _await_accept(self) -> None:
-        from wsproto.events import AcceptConnection, RejectConnection
-
         while True:
             data = await self._stream.receive_some(_RECEIVE_BYTES)
             if not data:
@@ -325,10 +334,8 @@ class WsprotoWebSocket:
                 if isinstance(event, RejectConnection):
                     raise HandshakeFailed(f"upgrade refused: status {event.status_code}")
 
-    def _collect(self, events: object) -> bytes:
+    def _collect(self, events: Iterable[Event]) -> bytes:
         """Turn wsproto events into finished messages; return bytes that must be sent."""
-        from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-
         outgoing = b""
         for event in events:
             if isinstance(event, TextMessage):
@@ -345,14 +352,12 @@ class WsprotoWebSocket:
                 outgoing += self._ws.send(event.response())
             elif isinstance(event, CloseConnection):
                 self._peer_close = (event.code, event.reason or "")
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(LocalProtocolError):
                     outgoing += self._ws.send(event.response())
         return outgoing
 
     async def send_many(self, messages: Sequence[bytes]) -> None:
         """Encode each message through wsproto and write them together."""
-        from wsproto.events import TextMessage
-
         data = b"".join([self._ws.send(TextMessage(data=message.decode())) for message in messages])
         try:
             await self._stream.send_all(data)
@@ -381,9 +386,6 @@ class WsprotoWebSocket:
 
     async def aclose(self) -> None:
         """Close through wsproto, wait (bounded) for the server's EOF, then close."""
-        from wsproto.connection import ConnectionState
-        from wsproto.events import CloseConnection
-
         if self._stream_closed:
             return
         try:
@@ -393,10 +395,13 @@ class WsprotoWebSocket:
                 while data := await self._stream.receive_some(_RECEIVE_BYTES):
                     self._ws.receive_data(data)
                     self._collect(self._ws.events())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:  # wsproto refuses data in some closing states; we are done anyway
-            pass
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            LocalProtocolError,
+            RemoteProtocolError,
+        ):
+            pass  # the peer or the state machine ended the close early; we close anyway
         finally:
             self._stream_closed = True
             await trio.aclose_forcefully(self._stream)
@@ -405,14 +410,12 @@ class WsprotoWebSocket:
 class TrioWebSocket:
     """The same interface over trio-websocket's client (one message per receive)."""
 
-    def __init__(self, connection: object) -> None:
+    def __init__(self, connection: trio_websocket.WebSocketConnection) -> None:
         self._ws = connection
 
     @classmethod
     async def connect(cls, host: str, port: int, path: str, nursery: trio.Nursery) -> TrioWebSocket:
         """Open the connection; its reader task runs in ``nursery``, owned by the caller."""
-        import trio_websocket
-
         try:
             connection = await trio_websocket.connect_websocket(
                 nursery, host, port, path, use_ssl=False
@@ -423,8 +426,6 @@ class TrioWebSocket:
 
     async def send_many(self, messages: Sequence[bytes]) -> None:
         """Send one text message per call, as trio-websocket's API requires."""
-        import trio_websocket
-
         try:
             for message in messages:
                 await self._ws.send_message(message.decode())
@@ -433,8 +434,6 @@ class TrioWebSocket:
 
     async def receive_many(self) -> list[bytes | str]:
         """Return the next message (trio-websocket has no way to drain its queue)."""
-        import trio_websocket
-
         try:
             return [await self._ws.get_message()]
         except trio_websocket.ConnectionClosed as exc:

@@ -21,6 +21,7 @@ import msgspec
 import trio
 
 from .auth import TOKEN_FILE_NAME
+from .chat_client import run_chat
 from .client import HandshakeRefused, open_client
 from .config import default_state_dir
 from .errors import GatewayError
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print JSON")
 
     _add_devices_parser(commands)
+
+    chat = commands.add_parser("chat", help="chat with the agent on a running gateway")
+    chat.add_argument("--session", default="main", help="session key (default: main)")
+    _client_options(chat)
     return parser
 
 
@@ -301,6 +306,12 @@ def _describe_devices(listing: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def _chat(args: argparse.Namespace) -> int:
+    """``anima-gateway chat``: see ``kernel.chat_client``."""
+    token = resolve_token(args.token, args.state_dir)
+    return await run_chat(args.url, token=token, password=args.password, session=args.session)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -315,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "call": lambda: trio.run(_call, args),
         "plugins": lambda: _plugins(args),
         "devices": lambda: trio.run(_devices, args),
+        "chat": lambda: trio.run(_chat, args),
     }
     return commands[args.command]()
 

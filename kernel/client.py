@@ -216,9 +216,16 @@ async def open_client(
                         code, reason_text = closed.reason.code, closed.reason.reason
             raise HandshakeRefused(error, code, reason_text)
         client.hello = answer["payload"]
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._receive_loop)
             try:
                 yield client
+            except Exception as exc:
+                # Re-raised below, outside the nursery: raised inside it, the caller's own
+                # exception (a GatewayError from ``call``) would come back in an exception group.
+                failure = exc
             finally:
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure

@@ -749,7 +749,8 @@ def _device_or_404(db: sqlite3.Connection, device_id: str) -> sqlite3.Row:
     ).fetchone()
     if row is None:
         raise not_found(
-            f"unknown deviceId: {device_id} is not paired", details={"deviceId": device_id}
+            f"unknown deviceId/role: device {device_id} is not paired",
+            details={"deviceId": device_id},
         )
     return row
 

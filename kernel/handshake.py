@@ -164,7 +164,11 @@ async def run_handshake(
                 CLOSE_POLICY, None, "invalid handshake: expected a connect request"
             ) from None
         request_id = frame.id
-        connection = await _admit(gateway, ws, frame, conn_id, nonce, client, headers)
+        try:
+            connection = await _admit(gateway, ws, frame, conn_id, nonce, client, headers)
+        except GatewayError as exc:
+            # The registry's own refusals (a full pairing queue) end the handshake the same way.
+            raise Refusal(CLOSE_POLICY, exc) from None
     except Refusal as refusal:
         if refusal.error is not None and request_id is not None:
             response = ResponseFrame(id=request_id, ok=False, error=error_shape(refusal.error))
@@ -309,42 +313,32 @@ async def _authenticate(
     client: ClientAddress,
     headers: Mapping[str, str],
 ) -> _Verdict:
-    """Shared secret (or proxy), then the device proof, then a device token (A5 rows 5-9).
+    """Rate limit, device proof, shared secret (or proxy), then a device token (A5, A9).
 
-    The rate limiter is consulted before any credential is looked at, so a locked-out
-    address is refused even with the right secret (else guessing would go on at full
-    speed); failures that look like guesses are counted, and a success clears the count.
+    The limiter is consulted before any credential is looked at, and on the request's form
+    only (is there a token and a device block?), never on whether the credential is right:
+    a locked-out address is refused even with the right secret, so that neither guessing
+    goes on nor a 429-or-401 difference tells a guess was right. Guesses at the shared
+    secret and at device tokens are counted apart; a success clears its count.
     """
-    shared = gateway.auth.check(params, client, dict(headers))
     token = params.auth.token if params.auth else None
-    device_token_candidate = not shared.ok and params.device is not None and bool(token)
-    limiter_scope = DEVICE_TOKEN_SCOPE if device_token_candidate else SHARED_SECRET_SCOPE
+    may_be_device_token = params.device is not None and bool(token)
     limiter = gateway.rate_limiter
     if limiter is not None:
-        status = limiter.check(limiter_scope, client.ip)
-        if not status.allowed:
-            seconds = -(-status.retry_after_ms // 1000)
-            raise Refusal(
-                CLOSE_POLICY,
-                GatewayError(
-                    429,
-                    f"too many failed authentication attempts from this address;"
-                    f" retry in {seconds} s",
-                    retryable=True,
-                    retry_after_ms=status.retry_after_ms,
-                    details={"authReason": "rate-limited", "limiter": limiter_scope},
-                ),
-                "rate limited",
-            )
+        scopes = (SHARED_SECRET_SCOPE, DEVICE_TOKEN_SCOPE)
+        for scope in scopes if may_be_device_token else scopes[:1]:
+            status = limiter.check(scope, client.ip)
+            if not status.allowed:
+                raise _rate_limited(scope, status.retry_after_ms)
 
     device = _verify_device(gateway, params, nonce, client)
-
+    shared = gateway.auth.check(params, client, dict(headers))
     if shared.ok:
         if limiter is not None:
             limiter.reset(SHARED_SECRET_SCOPE, client.ip)
         return _Verdict(shared.method, device, shared.user)
 
-    if device_token_candidate and device is not None and token:
+    if may_be_device_token and device is not None and token:
         check = await gateway.devices.verify_token(
             device.device_id, device.public_key, params.role, token, params.scopes
         )
@@ -352,14 +346,16 @@ async def _authenticate(
             if limiter is not None:
                 limiter.reset(DEVICE_TOKEN_SCOPE, client.ip)
             return _Verdict(DEVICE_TOKEN_METHOD, device)
-        if limiter is not None and check.counts_as_failure:
-            limiter.record_failure(DEVICE_TOKEN_SCOPE, client.ip)
         if check.has_token:
+            if limiter is not None and check.counts_as_failure:
+                limiter.record_failure(DEVICE_TOKEN_SCOPE, client.ip)
             raise _refuse(
                 401, check.reason or "device-token-mismatch", f"unauthorized: {check.message}"
             )
-        # The device holds no token for this role, so auth.token was meant as the shared
-        # secret: say that it failed, and why it was no device token either.
+        # The device holds no token for this role, so auth.token was a shared-secret guess
+        # (counted as one): say that it failed, and why it was no device token either.
+        if limiter is not None and shared.counts_as_failure:
+            limiter.record_failure(SHARED_SECRET_SCOPE, client.ip)
         raise _refuse(
             401,
             shared.reason or "unauthorized",
@@ -370,6 +366,21 @@ async def _authenticate(
     if limiter is not None and shared.counts_as_failure:
         limiter.record_failure(SHARED_SECRET_SCOPE, client.ip)
     raise _refuse(401, shared.reason or "unauthorized", f"unauthorized: {shared.message}")
+
+
+def _rate_limited(scope: str, retry_after_ms: int) -> Refusal:
+    seconds = -(-retry_after_ms // 1000)
+    return Refusal(
+        CLOSE_POLICY,
+        GatewayError(
+            429,
+            f"too many failed authentication attempts from this address; retry in {seconds} s",
+            retryable=True,
+            retry_after_ms=retry_after_ms,
+            details={"authReason": "rate-limited", "limiter": scope},
+        ),
+        "rate limited",
+    )
 
 
 def _verify_device(

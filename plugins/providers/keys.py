@@ -18,13 +18,17 @@ import logging
 import re
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from kernel import Store, StoreSchema, invalid_request
+from kernel import Store, StoreError, StoreSchema, invalid_request
 
 __all__ = ["KEY_ID_RE", "STORE_SCHEMA", "KeyEntry", "KeyStore", "check_secret", "mask"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_SECRET_CHARS = 4096
@@ -127,10 +131,18 @@ def _row_to_entry(row: sqlite3.Row) -> KeyEntry:
 class KeyStore:
     """The keys of every provider, mirrored in memory from the store."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self) -> None:
+        self._store: Store | None = None
         self._keys: dict[str, KeyEntry] = {}
         self._active: dict[str, str] = {}
+
+    def attach(self, store: Store) -> None:
+        self._store = store
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._store is None:
+            raise StoreError("the provider key store is not attached to a store yet")
+        return await self._store.run(work)
 
     async def load(self) -> None:
         def read(db: sqlite3.Connection) -> tuple[list[KeyEntry], dict[str, str]]:
@@ -141,7 +153,7 @@ class KeyStore:
             }
             return keys, active
 
-        keys, active = await self._store.run(read)
+        keys, active = await self._run(read)
         self._keys = {key.key_id: key for key in keys}
         self._active = active
 
@@ -212,7 +224,7 @@ class KeyStore:
                 ),
             )
 
-        await self._store.run(insert)
+        await self._run(insert)
         self._keys[entry.key_id] = entry
         return entry
 
@@ -255,7 +267,7 @@ class KeyStore:
                 ),
             )
 
-        await self._store.run(write)
+        await self._run(write)
         self._keys[key_id] = updated
         return updated
 
@@ -269,7 +281,7 @@ class KeyStore:
                 (entry.provider, key_id),
             )
 
-        await self._store.run(delete)
+        await self._run(delete)
         del self._keys[key_id]
         if self._active.get(entry.provider) == key_id:
             del self._active[entry.provider]
@@ -283,7 +295,7 @@ class KeyStore:
                 (provider, key_id, now_ms),
             )
 
-        await self._store.run(write)
+        await self._run(write)
         self._active[provider] = key_id
 
     async def rotate(
@@ -323,7 +335,7 @@ class KeyStore:
                 (text, now_ms, key_id),
             )
 
-        await self._store.run(write)
+        await self._run(write)
         self._keys[key_id] = replace(entry, last_error=text, last_error_at=now_ms)
 
     def _new_id(self, provider: str) -> str:

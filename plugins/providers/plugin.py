@@ -105,13 +105,16 @@ class ProvidersPlugin:
         self.config = ProvidersConfig()
         self.services: Services | None = None
         self.router = ModelRouter(self)
-        self._keys: KeyStore | None = None
+        #: Attached to the kernel's store at start-up. (A plain attribute, not a property
+        #: that could raise: the kernel inspects plugin members while loading.)
+        self.keys = KeyStore()
         self._loaded = trio.Event()
         self._load_error: BaseException | None = None
         self._builtins: dict[str, Any] = self._build_providers(self.config)
         self._retired: list[Any] = []
         self._in_use: Counter[int] = Counter()
         self._warned: set[str] = set()
+        self._shut_down = False
 
     # -- declarations ----------------------------------------------------------------------
 
@@ -166,14 +169,13 @@ class ProvidersPlugin:
         self.services = services
         config = services.config.section("providers") or ProvidersConfig()
         self._replace_config(config)
-        self._keys = KeyStore(services.store)
+        self.keys.attach(services.store)
         services.provide("models", self.router)
         nursery.start_soon(self._load_keys)
 
     async def _load_keys(self) -> None:
-        assert self._keys is not None
         try:
-            await self._keys.load()
+            await self.keys.load()
         except Exception as exc:
             logger.exception("provider keys could not be read from the store")
             self._load_error = exc
@@ -193,8 +195,13 @@ class ProvidersPlugin:
 
     @hookimpl
     def anima_shutdown(self, services: Services) -> None:
-        self._retired.extend(self._builtins.values())
+        # The provider protocol has aclose called once at shutdown: the built-in ones, and
+        # the third parties' ones this router drove.
+        everything = {id(p): p for p in self.all_providers().values()}
+        everything.update({id(p): p for p in self._builtins.values()})
+        self._retired.extend(everything.values())
         self._builtins = {}
+        self._shut_down = True
         self._close_idle_retired()
 
     # -- the providers ---------------------------------------------------------------------
@@ -279,7 +286,7 @@ class ProvidersPlugin:
     def all_providers(self) -> dict[str, ModelProvider]:
         """Built-in providers, then every third party's, by name (the first of a name wins)."""
         providers: dict[str, ModelProvider] = dict(self._builtins)
-        if self.services is None:
+        if self.services is None or self._shut_down:
             return providers
         own = {id(p) for p in self._builtins.values()}
         try:
@@ -292,7 +299,7 @@ class ProvidersPlugin:
                 if id(provider) in own:
                     continue
                 name = getattr(provider, "name", None)
-                if not isinstance(name, str) or not isinstance(provider, ModelProvider):
+                if not isinstance(name, str) or not _looks_like_provider(provider):
                     self._warn_once(
                         f"bad:{name}", "ignoring a model provider that is not a ModelProvider"
                     )
@@ -322,12 +329,6 @@ class ProvidersPlugin:
             if endpoint.name == provider:
                 return endpoint.model
         return None
-
-    @property
-    def keys(self) -> KeyStore:
-        if self._keys is None:
-            raise GatewayError(503, "the providers plugin has not started")
-        return self._keys
 
     def now_ms(self) -> int:
         assert self.services is not None
@@ -645,6 +646,16 @@ class ProvidersPlugin:
             **report,
             "truncated": len(rows) >= USAGE_ROW_LIMIT,
         }
+
+
+def _looks_like_provider(provider: Any) -> bool:
+    """``ModelProvider`` without insisting on ``aclose``, which a simple provider may lack."""
+    return (
+        isinstance(getattr(provider, "display_name", None), str)
+        and isinstance(getattr(provider, "needs_key", None), bool)
+        and callable(getattr(provider, "stream", None))
+        and callable(getattr(provider, "list_models", None))
+    )
 
 
 def _settings(config: ProvidersConfig, name: str) -> Any:

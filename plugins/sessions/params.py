@@ -10,7 +10,6 @@ Patch fields use ``msgspec.UNSET`` for "not given", so that ``null`` can mean "c
 
 from __future__ import annotations
 
-import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -66,6 +65,8 @@ MAX_LOGS_LIMIT = 1000
 KeyStr = Annotated[str, Meta(min_length=1, max_length=1000)]
 Label = Annotated[str, Meta(min_length=1, max_length=64)]
 ShortStr = Annotated[str, Meta(min_length=1, max_length=200)]
+#: A UTC calendar date ``YYYY-MM-DD``; the handler parses it (and says so when it is not one).
+DateStr = Annotated[str, Meta(max_length=40)]
 
 
 class ListParams(Params):
@@ -197,8 +198,8 @@ class CompactResult(Payload):
 
 class UsageParams(Params):
     key: KeyStr | None = None
-    start_date: datetime.date | None = None
-    end_date: datetime.date | None = None
+    start_date: DateStr | None = None
+    end_date: DateStr | None = None
     limit: Annotated[int, Meta(ge=1, le=MAX_USAGE_LIMIT)] = DEFAULT_USAGE_LIMIT
     #: Accepted for compatibility; there is no context-weight report here.
     include_context_weight: bool = False
@@ -206,8 +207,8 @@ class UsageParams(Params):
 
 class TimeseriesParams(Params):
     key: KeyStr
-    start_date: datetime.date | None = None
-    end_date: datetime.date | None = None
+    start_date: DateStr | None = None
+    end_date: DateStr | None = None
     max_points: Annotated[int, Meta(ge=1, le=MAX_TIMESERIES_POINTS)] = MAX_TIMESERIES_POINTS
 
 

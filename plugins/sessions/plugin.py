@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -53,7 +54,14 @@ from kernel import (
     unavailable,
 )
 
-from .keys import DEFAULT_MAIN_KEY, MAIN_KEY_RE, canonical_agent_id, session_kind
+from .admin import SessionAdmin
+from .keys import (
+    DEFAULT_MAIN_KEY,
+    MAIN_KEY_RE,
+    canonical_agent_id,
+    canonical_key,
+    session_kind,
+)
 from .params import (
     CompactParams,
     CompactResult,
@@ -74,7 +82,8 @@ from .params import (
     UsageParams,
     given_fields,
 )
-from .store import MIGRATIONS, SCHEMA_OWNER, SessionStore
+from .rows import MIGRATIONS, SCHEMA_OWNER
+from .store import SessionStore
 
 __all__ = ["RUN_JOB_KINDS", "SessionsConfig", "SessionsPlugin"]
 
@@ -87,6 +96,7 @@ DEFAULT_USAGE_DAYS = 30
 #: The longest ``sessions.usage`` window, so that its daily list stays bounded.
 MAX_USAGE_DAYS = 366
 _DAY_MS = 86_400_000
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 _PATCH_FIELDS = tuple(name for name in PatchParams.__struct_fields__ if name != "key")
 
@@ -95,6 +105,16 @@ class SessionsConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
     main_key: Annotated[str, msgspec.Meta(pattern=MAIN_KEY_RE.pattern)] = DEFAULT_MAIN_KEY
     stop_runs_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=300_000)] = 15_000
 
+    def __post_init__(self) -> None:
+        # The pattern above gives the shape; the key rules (no "..", no format characters)
+        # are canonical_key's, and a config the store would refuse must not load.
+        try:
+            canonical = canonical_key(self.main_key, field="mainKey")
+        except GatewayError as error:
+            raise ValueError(error.message) from None
+        if canonical != self.main_key:
+            raise ValueError(f"mainKey must be written canonically: {canonical!r}")
+
 
 class SessionsPlugin:
     """Sessions, transcripts and usage; one instance per gateway."""
@@ -102,12 +122,18 @@ class SessionsPlugin:
     def __init__(self) -> None:
         self.config = SessionsConfig()
         self._sessions: SessionStore | None = None
+        self._operations: SessionAdmin | None = None
 
     def _store(self) -> SessionStore:
         # A method, not a property: pluggy reads every attribute of a plugin at registration.
         if self._sessions is None:
             raise unavailable("the sessions store is not open yet")
         return self._sessions
+
+    def _admin(self) -> SessionAdmin:
+        if self._operations is None:
+            raise unavailable("the sessions store is not open yet")
+        return self._operations
 
     # -- declarations ----------------------------------------------------------------------
 
@@ -215,6 +241,7 @@ class SessionsPlugin:
     def anima_startup(self, services: Services) -> None:
         self.config = services.config.section("sessions") or SessionsConfig()
         self._sessions = SessionStore(services.store, services.clock, main_key=self.config.main_key)
+        self._operations = SessionAdmin(services.store, services.clock)
         services.provide("sessions", self._sessions)
 
     @hookimpl
@@ -237,7 +264,7 @@ class SessionsPlugin:
             else None
         )
         label = _clean_label(params.label, "sessions.list") if params.label is not None else None
-        rows, next_cursor = await sessions.list_entries(
+        rows, next_cursor = await self._admin().list_entries(
             limit=params.limit,
             cursor=params.cursor,
             active_minutes=params.active_minutes,
@@ -253,6 +280,8 @@ class SessionsPlugin:
             ts=call.services.clock.now_ms(),
             store="sqlite",
             count=len(rows),
+            # TODO(no provider service yet): fill defaults from the providers plugin's default
+            # model once it offers one through services.provide; null until then.
             defaults={"modelProvider": None, "model": None, "contextTokens": None},
             sessions=rows,
             next_cursor=next_cursor,
@@ -264,7 +293,7 @@ class SessionsPlugin:
             canonical = self._store().canonical_key(key, field=f"keys.{index}")
             if canonical not in keys:
                 keys.append(canonical)
-        previews = await self._store().preview(keys, limit=params.limit, max_chars=params.max_chars)
+        previews = await self._admin().preview(keys, limit=params.limit, max_chars=params.max_chars)
         return PreviewResult(ts=call.services.clock.now_ms(), previews=previews)
 
     # -- admin methods ---------------------------------------------------------------------
@@ -289,7 +318,7 @@ class SessionsPlugin:
         sessions = self._store()
         key = sessions.canonical_key(params.key, field="key") if params.key is not None else None
         label = _clean_label(params.label, "sessions.resolve") if params.label else None
-        resolved = await sessions.resolve(
+        resolved = await self._admin().resolve(
             key=key,
             session_id=params.session_id,
             label=label,
@@ -322,7 +351,7 @@ class SessionsPlugin:
                     field=name,
                 )
 
-        entry, changed = await sessions.patch(key, changes)
+        entry, changed = await self._admin().patch(key, changes)
         if changed:
             self._announce(call, key, "patched", entry=entry)
         return PatchResult(
@@ -340,7 +369,7 @@ class SessionsPlugin:
         if await sessions.get(key) is None:
             raise not_found(f"No session found: {key}", details={"key": key})
         stopped = await self._stop_runs(call.services, key, "session reset")
-        entry, previous, archive = await sessions.reset(key, reason=params.reason)
+        entry, previous, archive = await self._admin().reset(key, reason=params.reason)
         self._announce(call, key, "reset", entry=entry, previousSessionId=previous)
         return ResetResult(
             ok=True,
@@ -359,7 +388,7 @@ class SessionsPlugin:
         if await sessions.get(key) is None:
             raise not_found(f"No session found: {key}", details={"key": key})
         stopped = await self._stop_runs(call.services, key, "session deleted")
-        archive = await sessions.delete(key, archive_transcript=params.delete_transcript)
+        archive = await self._admin().delete(key, archive_transcript=params.delete_transcript)
         self._announce(call, key, "deleted")
         return DeleteResult(
             ok=True,
@@ -372,7 +401,7 @@ class SessionsPlugin:
 
     async def compact(self, call: Call, params: CompactParams) -> CompactResult:
         key = self._store().canonical_key(params.key, field="key")
-        outcome = await self._store().compact(key, max_lines=params.max_lines)
+        outcome = await self._admin().compact(key, max_lines=params.max_lines)
         if outcome["compacted"]:
             self._announce(call, key, "compacted", entry=outcome["entry"])
         return CompactResult(
@@ -400,7 +429,7 @@ class SessionsPlugin:
                 f" {MAX_USAGE_DAYS} days",
                 field="endDate",
             )
-        summary = await self._store().usage_summary(
+        summary = await self._admin().usage_summary(
             start_ms=_day_start_ms(start),
             end_ms=_day_start_ms(end) + _DAY_MS,
             key=key,
@@ -417,7 +446,7 @@ class SessionsPlugin:
     async def usage_timeseries(self, call: Call, params: TimeseriesParams) -> dict[str, Any]:
         key = self._store().canonical_key(params.key, field="key")
         start, end = _date_range(params.start_date, params.end_date, "sessions.usage.timeseries")
-        series = await self._store().usage_timeseries(
+        series = await self._admin().usage_timeseries(
             key,
             start_ms=_day_start_ms(start) if start else None,
             end_ms=_day_start_ms(end) + _DAY_MS if end else None,
@@ -429,7 +458,7 @@ class SessionsPlugin:
 
     async def usage_logs(self, call: Call, params: UsageLogsParams) -> dict[str, Any]:
         key = self._store().canonical_key(params.key, field="key")
-        return {"key": key, "logs": await self._store().usage_logs(key, limit=params.limit)}
+        return {"key": key, "logs": await self._admin().usage_logs(key, limit=params.limit)}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -505,9 +534,26 @@ def _resolved_model(model: str | None) -> dict[str, Any]:
     return {"model": model}
 
 
+def _parse_date(value: str | None, field: str, method: str) -> datetime.date | None:
+    if value is None:
+        return None
+    try:
+        if not _DATE_RE.fullmatch(value):
+            raise ValueError(value)
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise invalid_request(
+            f"invalid {method} params: {field} must be a date as YYYY-MM-DD (UTC),"
+            f" got {value[:40]!r}",
+            field=field,
+        ) from None
+
+
 def _date_range(
-    start: datetime.date | None, end: datetime.date | None, method: str
+    start_text: str | None, end_text: str | None, method: str
 ) -> tuple[datetime.date | None, datetime.date | None]:
+    start = _parse_date(start_text, "startDate", method)
+    end = _parse_date(end_text, "endDate", method)
     if (start is None) != (end is None):
         missing = "endDate" if end is None else "startDate"
         raise invalid_request(

@@ -276,7 +276,9 @@ async def test_job_is_cancelled_by_id_from_another_connection(contract_gateway, 
 # -- two-phase --------------------------------------------------------------------------------
 
 
-async def test_two_phase_call_sends_two_responses_with_one_id(contract_gateway, raw_connect, plugin):
+async def test_two_phase_call_sends_two_responses_with_one_id(
+    contract_gateway, raw_connect, plugin
+):
     async with raw_connect(contract_gateway) as raw:
         await raw.request("t1", "task.run", {"runId": "job-1"})
         accepted = await raw.response("t1")

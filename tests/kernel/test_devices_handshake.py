@@ -980,10 +980,36 @@ async def test_device_token_guesses_are_limited_too(
         locked = await device_connect(gw.port, device, token=token, scopes=[READ])
         assert locked.error["code"] == 429
         assert locked.error["details"]["limiter"] == "device-token"
-        # The shared secret is counted apart and still works.
-        assert (await device_connect(gw.port, device, token=gw.auth.token, scopes=[READ])).ok
+        # A token beside a device block could be either kind, so that form is locked out
+        # whole; a plain shared-secret connect is counted apart and still works.
+        with_shared = await device_connect(gw.port, device, token=gw.auth.token, scopes=[READ])
+        assert with_shared.error["code"] == 429
+        async with raw_connect(
+            gw.port, lambda challenge: connect_params(token=gw.auth.token, scopes=[READ])
+        ) as plain:
+            assert plain.ok
         mock_clock.jump(300)
         assert (await device_connect(gw.port, device, token=token, scopes=[READ])).ok
+
+
+async def test_a_locked_out_address_cannot_tell_a_right_guess_from_a_wrong_one(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    _limit_config(tmp_path)
+    async with running(tmp_path) as gw:
+        # Guesses sent beside a fresh (unpaired) device key are shared-secret guesses.
+        for _ in range(3):
+            guess = await device_connect(gw.port, ForeignDevice(), token="guess", scopes=[READ])
+            assert guess.error["details"]["authReason"] == "token-mismatch"
+        answers = []
+        for token in ("guess", gw.auth.token):
+            attempt = await device_connect(gw.port, ForeignDevice(), token=token, scopes=[READ])
+            answers.append((attempt.error["code"], attempt.error["details"]))
+            async with raw_connect(
+                gw.port, lambda challenge, token=token: connect_params(token=token, scopes=[READ])
+            ) as plain:
+                answers.append((plain.error["code"], plain.error["details"]))
+        assert answers == [(429, {"authReason": "rate-limited", "limiter": "shared-secret"})] * 4
 
 
 async def test_loopback_is_exempt_by_default(tmp_path: Path) -> None:

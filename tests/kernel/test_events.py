@@ -98,10 +98,12 @@ async def test_tick_every_tick_interval_and_droppable(start_gateway, connect):
 
 
 async def test_no_tick_before_the_interval(start_gateway, connect):
-    async with start_gateway(use_entry_points=False) as gateway:
-        async with connect(gateway, scopes=[READ]) as client:
-            await trio.sleep(0.1)
-            assert client.events_nowait() == []
+    async with (
+        start_gateway(use_entry_points=False) as gateway,
+        connect(gateway, scopes=[READ]) as client,
+    ):
+        await trio.sleep(0.1)
+        assert client.events_nowait() == []
 
 
 # -- backed-up clients --------------------------------------------------------------------------

@@ -56,15 +56,17 @@ async def hello_gateway(start_gateway):
 
 
 async def test_challenge_comes_first_with_a_fresh_nonce(gateway, raw_connect):
-    async with raw_connect(gateway, handshake=False) as first:
-        async with raw_connect(gateway, handshake=False) as second:
-            for raw in (first, second):
-                assert raw.challenge["type"] == "evt"
-                assert raw.challenge["event"] == "connect.challenge"
-                assert "seq" not in raw.challenge
-                assert isinstance(raw.challenge["payload"]["ts"], int)
-                uuid.UUID(raw.challenge["payload"]["nonce"])
-            assert first.challenge["payload"]["nonce"] != second.challenge["payload"]["nonce"]
+    async with (
+        raw_connect(gateway, handshake=False) as first,
+        raw_connect(gateway, handshake=False) as second,
+    ):
+        for raw in (first, second):
+            assert raw.challenge["type"] == "evt"
+            assert raw.challenge["event"] == "connect.challenge"
+            assert "seq" not in raw.challenge
+            assert isinstance(raw.challenge["payload"]["ts"], int)
+            uuid.UUID(raw.challenge["payload"]["nonce"])
+        assert first.challenge["payload"]["nonce"] != second.challenge["payload"]["nonce"]
 
 
 async def test_first_request_must_be_connect(gateway, raw_connect):
@@ -125,9 +127,7 @@ async def test_no_shared_protocol_is_400_then_close_1002(gateway, raw_connect, l
 # -- the token ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("token", "what_failed"), [("wrong-token", "mismatch"), (None, "missing")]
-)
+@pytest.mark.parametrize(("token", "what_failed"), [("wrong-token", "mismatch"), (None, "missing")])
 async def test_wrong_or_missing_token_is_401_then_close_1008(
     gateway, raw_connect, token, what_failed
 ):
@@ -145,12 +145,14 @@ async def test_wrong_or_missing_token_is_401_then_close_1008(
 
 async def test_silent_client_is_closed_when_the_handshake_time_is_up(start_gateway, raw_connect):
     config = {"gateway": {"limits": {"handshakeTimeoutMs": 150}}}
-    async with start_gateway(config=config) as gateway:
-        async with raw_connect(gateway, handshake=False) as raw:
-            with trio.fail_after(5):
-                closed = await raw.closed()
-            assert closed.code == 1000
-            assert raw.responses == {}
+    async with (
+        start_gateway(config=config) as gateway,
+        raw_connect(gateway, handshake=False) as raw,
+    ):
+        with trio.fail_after(5):
+            closed = await raw.closed()
+        assert closed.code == 1000
+        assert raw.responses == {}
 
 
 async def test_connected_client_is_not_closed_by_the_handshake_timer(start_gateway, raw_connect):
@@ -166,22 +168,24 @@ async def test_connected_client_is_not_closed_by_the_handshake_timer(start_gatew
 
 async def test_hello_ok_describes_server_policy_and_auth(start_gateway, raw_connect):
     limits = {"maxPayload": 100_000, "maxBufferedBytes": 200_000, "tickIntervalMs": 12_345}
-    async with start_gateway(config={"gateway": {"limits": limits}}) as gateway:
-        async with raw_connect(gateway, scopes=[READ]) as raw:
-            hello = raw.hello
-            assert hello["type"] == "hello-ok"
-            assert hello["protocol"] == 3
-            assert hello["server"]["version"] == gateway_version()
-            assert set(gateway.connections) == {hello["server"]["connId"]}
-            assert hello["policy"] == {
-                "maxPayload": 100_000,
-                "maxBufferedBytes": 200_000,
-                "tickIntervalMs": 12_345,
-            }
-            assert hello["auth"]["role"] == "operator"
-            assert hello["auth"]["scopes"] == [READ]
-            assert hello["snapshot"]["authMode"] == "token"
-            assert isinstance(hello["snapshot"]["uptimeMs"], int)
+    async with (
+        start_gateway(config={"gateway": {"limits": limits}}) as gateway,
+        raw_connect(gateway, scopes=[READ]) as raw,
+    ):
+        hello = raw.hello
+        assert hello["type"] == "hello-ok"
+        assert hello["protocol"] == 3
+        assert hello["server"]["version"] == gateway_version()
+        assert set(gateway.connections) == {hello["server"]["connId"]}
+        assert hello["policy"] == {
+            "maxPayload": 100_000,
+            "maxBufferedBytes": 200_000,
+            "tickIntervalMs": 12_345,
+        }
+        assert hello["auth"]["role"] == "operator"
+        assert hello["auth"]["scopes"] == [READ]
+        assert hello["snapshot"]["authMode"] == "token"
+        assert isinstance(hello["snapshot"]["uptimeMs"], int)
 
 
 async def test_snapshot_carries_what_plugins_contribute(hello_gateway, raw_connect):

@@ -106,13 +106,15 @@ async def test_responses_come_back_out_of_order_matched_by_id(req_gateway, raw_c
 
 async def test_more_requests_than_the_bound_all_complete(start_gateway, raw_connect, plugin):
     config = {"gateway": {"limits": {"maxInFlight": 2}}}
-    async with start_gateway(plugins={"req": plugin}, config=config) as gateway:
-        async with raw_connect(gateway, scopes=[READ]) as raw:
-            ids = [f"busy-{i}" for i in range(7)]
-            for request_id in ids:
-                await raw.request(request_id, "req.busy", {"ms": 30})
-            with trio.fail_after(10):
-                responses = [await raw.response(request_id) for request_id in ids]
+    async with (
+        start_gateway(plugins={"req": plugin}, config=config) as gateway,
+        raw_connect(gateway, scopes=[READ]) as raw,
+    ):
+        ids = [f"busy-{i}" for i in range(7)]
+        for request_id in ids:
+            await raw.request(request_id, "req.busy", {"ms": 30})
+        with trio.fail_after(10):
+            responses = [await raw.response(request_id) for request_id in ids]
     assert all(response["ok"] for response in responses)
     # Concurrent, but never more than the bound at once.
     assert plugin.peak == 2
@@ -207,9 +209,7 @@ JUNK = [
 ]
 
 
-async def test_junk_gets_400_when_its_id_is_readable_and_the_connection_stays(
-    gateway, raw_connect
-):
+async def test_junk_gets_400_when_its_id_is_readable_and_the_connection_stays(gateway, raw_connect):
     async with raw_connect(gateway) as raw:
         for frame, _ in JUNK:
             await raw.send_text(frame)

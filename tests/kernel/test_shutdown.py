@@ -65,17 +65,20 @@ async def test_shutdown_event_grace_for_in_flight_then_close_1012(
     start_gateway, raw_connect, connect, plugin
 ):
     config = {"gateway": {"limits": {"shutdownGraceMs": 5_000}}}
-    async with start_gateway(plugins={"slow": plugin}, config=config) as gateway:
-        async with raw_connect(gateway, scopes=[READ]) as busy, connect(gateway) as idle:
-            await busy.request("slow", "slow.work", {"ms": 200})
-            conn_id = busy.hello["server"]["connId"]
-            await _wait_until(lambda: gateway.connections[conn_id].in_flight == 1)
+    async with (
+        start_gateway(plugins={"slow": plugin}, config=config) as gateway,
+        raw_connect(gateway, scopes=[READ]) as busy,
+        connect(gateway) as idle,
+    ):
+        await busy.request("slow", "slow.work", {"ms": 200})
+        conn_id = busy.hello["server"]["connId"]
+        await _wait_until(lambda: gateway.connections[conn_id].in_flight == 1)
 
-            gateway.request_shutdown()
-            with trio.fail_after(10):
-                shutdown = await busy.event("shutdown")
-                closed = await busy.closed()
-                idle_shutdown = await idle.next_event("shutdown")
+        gateway.request_shutdown()
+        with trio.fail_after(10):
+            shutdown = await busy.event("shutdown")
+            closed = await busy.closed()
+            idle_shutdown = await idle.next_event("shutdown")
 
         assert shutdown["payload"]["reason"]
         assert idle_shutdown["payload"] == shutdown["payload"]
@@ -94,14 +97,16 @@ async def test_shutdown_event_grace_for_in_flight_then_close_1012(
 
 async def test_request_outlasting_the_grace_is_cancelled(start_gateway, raw_connect, plugin):
     config = {"gateway": {"limits": {"shutdownGraceMs": 100}}}
-    async with start_gateway(plugins={"slow": plugin}, config=config) as gateway:
-        async with raw_connect(gateway, scopes=[READ]) as raw:
-            await raw.request("forever", "slow.work", {})
-            conn_id = raw.hello["server"]["connId"]
-            await _wait_until(lambda: gateway.connections[conn_id].in_flight == 1)
-            gateway.request_shutdown("maintenance", restart_expected_ms=1500)
-            with trio.fail_after(10):
-                closed = await raw.closed()
+    async with (
+        start_gateway(plugins={"slow": plugin}, config=config) as gateway,
+        raw_connect(gateway, scopes=[READ]) as raw,
+    ):
+        await raw.request("forever", "slow.work", {})
+        conn_id = raw.hello["server"]["connId"]
+        await _wait_until(lambda: gateway.connections[conn_id].in_flight == 1)
+        gateway.request_shutdown("maintenance", restart_expected_ms=1500)
+        with trio.fail_after(10):
+            closed = await raw.closed()
     assert closed.code == 1012
     assert "forever" not in raw.responses
     (shutdown,) = [e for e in raw.events if e["event"] == "shutdown"]
@@ -111,17 +116,19 @@ async def test_request_outlasting_the_grace_is_cancelled(start_gateway, raw_conn
 
 async def test_no_new_connections_while_stopping(start_gateway, raw_connect, plugin):
     config = {"gateway": {"limits": {"shutdownGraceMs": 5_000}}}
-    async with start_gateway(plugins={"slow": plugin}, config=config) as gateway:
-        async with raw_connect(gateway, scopes=[READ]) as raw:
-            await raw.request("slow", "slow.work", {"ms": 300})
-            conn_id = raw.hello["server"]["connId"]
-            await _wait_until(lambda: gateway.connections[conn_id].in_flight == 1)
-            gateway.request_shutdown()
-            await raw.event("shutdown")
-            # The listener is still up during the grace, but refuses newcomers.
-            with pytest.raises(ConnectionRejected) as refused:
-                async with open_websocket("127.0.0.1", gateway.port, "/", use_ssl=False) as ws:
-                    await ws.get_message()
-            assert refused.value.status_code == 503
-            assert (await raw.response("slow"))["ok"] is True
-            assert (await raw.closed()).code == 1012
+    async with (
+        start_gateway(plugins={"slow": plugin}, config=config) as gateway,
+        raw_connect(gateway, scopes=[READ]) as raw,
+    ):
+        await raw.request("slow", "slow.work", {"ms": 300})
+        conn_id = raw.hello["server"]["connId"]
+        await _wait_until(lambda: gateway.connections[conn_id].in_flight == 1)
+        gateway.request_shutdown()
+        await raw.event("shutdown")
+        # The listener is still up during the grace, but refuses newcomers.
+        with pytest.raises(ConnectionRejected) as refused:
+            async with open_websocket("127.0.0.1", gateway.port, "/", use_ssl=False) as ws:
+                await ws.get_message()
+        assert refused.value.status_code == 503
+        assert (await raw.response("slow"))["ok"] is True
+        assert (await raw.closed()).code == 1012

@@ -11,6 +11,7 @@ import sqlite3
 
 import pytest
 import trio
+import trio.testing
 from sessions_testkit import Running, call_error, next_event, running_gateway
 
 from kernel import GatewayClient

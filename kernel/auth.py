@@ -160,6 +160,8 @@ class SharedSecretAuth:
 
 def build_rate_limiter(config: RateLimitConfig) -> AuthRateLimiter | None:
     """The failed-authentication limiter ``[gateway.auth.rateLimit]`` asks for, or ``None``."""
+    # TODO(live reconfig): built once at start-up, so a changed rateLimit section (like the
+    # auth mode and trustedProxies) takes effect on the next start, not on config.set.
     if not config.enabled:
         return None
     return AuthRateLimiter(

@@ -506,6 +506,22 @@ class DeviceRegistry:
         ).fetchone()
         return _request_payload(row), True
 
+    async def discard_token(self, device_id: str, role: str, token: str) -> bool:
+        """Forget a token that was minted but never delivered, if it is still the current one.
+
+        :returns: whether a token was forgotten; the next connect of the device mints anew.
+        """
+
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "DELETE FROM kernel_device_tokens"
+                " WHERE device_id = ? AND role = ? AND token_sha256 = ?",
+                (device_id, role, hash_token(token)),
+            )
+            return cursor.rowcount > 0
+
+        return await self._store.run(work)
+
     # -- the operator's side -----------------------------------------------------------------
 
     async def list_devices(self, *, limit: int = 100, cursor: str | None = None) -> dict[str, Any]:

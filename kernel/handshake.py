@@ -189,6 +189,11 @@ async def run_handshake(
         )
     except ConnectionClosed:
         gateway.forget(connection)
+        auth = connection.hello.auth if isinstance(connection.hello, HelloOk) else None
+        if auth is not None and auth.device_token and auth.device_id:
+            # Shown once or never: a token the device never received would leave it holding
+            # a "live" token it does not know, which only an operator could clear.
+            await gateway.devices.discard_token(auth.device_id, auth.role, auth.device_token)
         return None
     return connection
 

@@ -261,8 +261,8 @@ class ChatPlugin:
         return run
 
     @staticmethod
-    def _message_text(message: str, attachments: list[Attachment] | None) -> str:
-        text = clean_text(message)
+    def _message_text(text: str, attachments: list[Attachment] | None) -> str:
+        """The cleaned text plus a note per attachment; 400 when nothing is left."""
         notes = describe_attachments(attachments or [])
         body = text if text.strip() else ""
         if notes:
@@ -280,7 +280,7 @@ class ChatPlugin:
         key = sessions.canonical_key(params.session_key)
         if not params.attachments and is_stop_command(text):
             return await self._abort(services, key, None, "stop")
-        body = self._message_text(params.message, params.attachments)
+        body = self._message_text(text, params.attachments)
         # TODO(thinking): pass the thinking level to providers that have one.
 
         run_id = params.idempotency_key
@@ -419,7 +419,7 @@ class ChatPlugin:
         services = call.services
         sessions = services.lookup("sessions")
         key = self._agent_session(sessions, params)
-        body = self._message_text(params.message, params.attachments)
+        body = self._message_text(clean_text(params.message), params.attachments)
         # TODO(reset): "/new" and "/reset" should reset the session first; the sessions
         # service offers no reset to other plugins yet, so they are sent as text.
         run_id = params.idempotency_key

@@ -162,6 +162,8 @@ class HealthPlugin:
     def anima_config_changed(self, services: Services, changed: list[str]) -> None:
         if "plugins.health" in changed:
             self._apply_config(services.config.section("health"))
+            # Refresh now: a disabled heartbeat never beats, so no beat would announce it.
+            self._refresh(self.last_beat)
             self._beat_now.set()
 
     @hookimpl
@@ -248,7 +250,6 @@ class HealthPlugin:
     def _build_summary(self, beat: HeartbeatEvent | None, duration_ms: float) -> dict[str, Any]:
         assert self.services is not None
         services = self.services
-        failed = sorted(p.name for p in services.plugins if p.state == "failed")
         store_ok = beat is None or beat.status == "ok"
         return {
             "ok": store_ok,
@@ -268,10 +269,7 @@ class HealthPlugin:
                 "error": beat.reason if beat else None,
             },
             "connections": _connection_counts(services),
-            "plugins": {
-                "loaded": sum(1 for p in services.plugins if p.state == "loaded"),
-                "failed": failed,
-            },
+            "plugins": _plugin_counts(services),
         }
 
     # -- methods ---------------------------------------------------------------------------
@@ -282,8 +280,13 @@ class HealthPlugin:
             await self._beat()
             self.summary["durationMs"] = round((time.perf_counter() - started) * 1000, 3)
         # Connection counts change with every client; they are read live, which is cheap,
-        # rather than making every connect a health change.
-        return {**self.summary, "connections": _connection_counts(call.services)}
+        # rather than making every connect a health change. Plugin states too: the summary
+        # made at start-up may predate another plugin's failing start.
+        return {
+            **self.summary,
+            "connections": _connection_counts(call.services),
+            "plugins": _plugin_counts(call.services),
+        }
 
     async def status(self, call: Call, params: Any) -> dict[str, Any]:
         services = call.services
@@ -345,6 +348,8 @@ class HealthPlugin:
             self._enabled = params.enabled
         if params.interval_ms is not None:
             self._interval_ms = params.interval_ms
+        # Refresh now: a disabled heartbeat never beats, so no beat would announce it.
+        self._refresh(self.last_beat)
         self._beat_now.set()
         return {"ok": True, "enabled": self._enabled, "intervalMs": self._interval_ms}
 
@@ -371,6 +376,13 @@ def _connection_counts(services: Services) -> dict[str, int]:
     connections = services.connections.all()
     nodes = sum(1 for c in connections if c.role == "node")
     return {"total": len(connections), "operators": len(connections) - nodes, "nodes": nodes}
+
+
+def _plugin_counts(services: Services) -> dict[str, Any]:
+    return {
+        "loaded": sum(1 for p in services.plugins if p.state == "loaded"),
+        "failed": sorted(p.name for p in services.plugins if p.state == "failed"),
+    }
 
 
 def _comparable(summary: dict[str, Any]) -> tuple:

@@ -359,3 +359,15 @@ async def test_paired_devices_are_listed_in_pages(registry: DeviceRegistry) -> N
         if cursor is None:
             break
     assert seen == sorted(device(n)[0] for n in range(5))
+
+
+async def test_an_undelivered_token_is_discarded_and_minted_again(
+    registry: DeviceRegistry,
+) -> None:
+    first = (await admit(registry, 1, local=True)).token
+    device_id = device(1)[0]
+    assert not await registry.discard_token(device_id, "operator", new_device_token())
+    assert (await admit(registry, 1, local=True)).token is None  # still holds the first
+    assert await registry.discard_token(device_id, "operator", first.token)
+    second = (await admit(registry, 1, local=True)).token
+    assert second is not None and second.token != first.token

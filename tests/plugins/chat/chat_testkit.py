@@ -18,7 +18,8 @@ from typing import Any
 import trio
 from fake_llm_server import Reply, anthropic_events, json_reply, openai_chunks
 
-from kernel import GatewayClient
+from kernel import GatewayClient, hookimpl
+from kernel.providers import ModelInfo, ModelRequest, StreamDone, TextDelta, TokenUsage
 from plugins.chat import ChatPlugin
 from plugins.providers import ProvidersPlugin
 from plugins.sessions import SessionsPlugin
@@ -28,6 +29,51 @@ FINAL_EVENTS = ("chat.run.completed", "chat.run.failed")
 RUN_EVENTS = ("chat.run.started", "chat.delta", "chat.run.rotated", *FINAL_EVENTS)
 TEXTS = ["Hel", "lo ", "from ", "the ", "fake ", "model."]
 ANIMA_GATEWAY = str(Path(sys.executable).with_name("anima-gateway"))
+
+
+class HeldProvider:
+    """A test provider that says ``"first "`` and then waits for ``release`` to finish.
+
+    Runs on it stay mid-stream for as long as a test needs, without any timing.
+    """
+
+    name = "held"
+    display_name = "Held test provider"
+    needs_key = False
+    default_model = "held-1"
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.open_streams = 0
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[Any]:
+        self.open_streams += 1
+        try:
+            yield TextDelta("first ")
+            await self.release.wait()
+            yield TextDelta("second")
+            yield StreamDone(stop_reason="end_turn", usage=TokenUsage(1, 2), model=request.model)
+        finally:
+            self.open_streams -= 1
+
+    async def list_models(self, api_key: str | None) -> list[ModelInfo]:
+        return [ModelInfo(id="held-1", name="Held", provider=self.name)]
+
+    async def aclose(self) -> None:
+        pass
+
+
+class HeldPlugin:
+    def __init__(self) -> None:
+        self.provider = HeldProvider()
+
+    @hookimpl
+    def anima_model_providers(self) -> list[HeldProvider]:
+        return [self.provider]
+
+
+#: Config that makes the held provider answer every run.
+HELD_CONFIG = {"plugins": {"providers": {"defaultProvider": "held"}}}
 
 
 def chat_plugins(**extra: object) -> dict[str, object]:

@@ -16,7 +16,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "providers"))
 
-from fake_llm_server import FakeLLMServer  # noqa: E402
+from fake_llm_server import FakeLLMServer
 
 
 @pytest.fixture

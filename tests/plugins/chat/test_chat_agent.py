@@ -7,7 +7,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from chat_testkit import SESSION, TEXTS, add_key, chat_plugins, provider_config, run_events, send
+from chat_testkit import (
+    HELD_CONFIG,
+    SESSION,
+    TEXTS,
+    HeldPlugin,
+    add_key,
+    chat_plugins,
+    provider_config,
+    run_events,
+    send,
+)
 from fake_llm_server import Reply, openai_chunks
 
 from kernel import GatewayError, hookimpl
@@ -17,44 +27,46 @@ WRITER = ("operator.read", "operator.write")
 
 
 async def test_agent_answers_twice_on_one_request_id(start_gateway, raw_connect) -> None:
-    async with start_gateway(plugins=chat_plugins(), use_entry_points=False) as gateway:
-        async with raw_connect(gateway, scopes=WRITER) as raw:
-            params = {"message": "do the thing", "idempotencyKey": "agent-1"}
-            await raw.request("a1", "agent", params)
-            accepted = await raw.response("a1", nth=1)
-            assert accepted["ok"], accepted
-            assert accepted["payload"]["status"] == "accepted"
-            assert accepted["payload"]["runId"] == "agent-1"
-            assert isinstance(accepted["payload"]["acceptedAt"], int)
-            with trio.fail_after(30):
-                final = await raw.response("a1", nth=2)
-            assert final["ok"], final
-            payload = final["payload"]
-            assert payload["runId"] == "agent-1"
-            assert payload["status"] == "ok" and payload["summary"] == "completed"
-            assert "do the thing" in payload["result"]["text"]
-            assert payload["result"]["provider"] == "offline"
+    async with (
+        start_gateway(plugins=chat_plugins(), use_entry_points=False) as gateway,
+        raw_connect(gateway, scopes=WRITER) as raw,
+    ):
+        params = {"message": "do the thing", "idempotencyKey": "agent-1"}
+        await raw.request("a1", "agent", params)
+        accepted = await raw.response("a1", nth=1)
+        assert accepted["ok"], accepted
+        assert accepted["payload"]["status"] == "accepted"
+        assert accepted["payload"]["runId"] == "agent-1"
+        assert isinstance(accepted["payload"]["acceptedAt"], int)
+        with trio.fail_after(30):
+            final = await raw.response("a1", nth=2)
+        assert final["ok"], final
+        payload = final["payload"]
+        assert payload["runId"] == "agent-1"
+        assert payload["status"] == "ok" and payload["summary"] == "completed"
+        assert "do the thing" in payload["result"]["text"]
+        assert payload["result"]["provider"] == "offline"
 
-            # The run was bound to the default session and streamed as chat events too.
-            kinds = [
-                e["event"] for e in raw.events if (e.get("payload") or {}).get("runId") == "agent-1"
-            ]
-            assert kinds[0] == "chat.run.started" and kinds[-1] == "chat.run.completed"
-            history = await raw.call("h", "chat.history", {"sessionKey": SESSION})
-            assert [m["role"] for m in history["payload"]["messages"]] == ["user", "assistant"]
+        # The run was bound to the default session and streamed as chat events too.
+        kinds = [
+            e["event"] for e in raw.events if (e.get("payload") or {}).get("runId") == "agent-1"
+        ]
+        assert kinds[0] == "chat.run.started" and kinds[-1] == "chat.run.completed"
+        history = await raw.call("h", "chat.history", {"sessionKey": SESSION})
+        assert [m["role"] for m in history["payload"]["messages"]] == ["user", "assistant"]
 
-            # A repeat of the key gets the same two answers, and no second run.
-            await raw.request("a2", "agent", {**params, "message": "something else"})
-            again_accepted = await raw.response("a2", nth=1)
-            again_final = await raw.response("a2", nth=2)
-            assert again_accepted["payload"] == accepted["payload"]
-            assert again_final["payload"] == payload
-            history = await raw.call("h2", "chat.history", {"sessionKey": SESSION})
-            assert len(history["payload"]["messages"]) == 2
+        # A repeat of the key gets the same two answers, and no second run.
+        await raw.request("a2", "agent", {**params, "message": "something else"})
+        again_accepted = await raw.response("a2", nth=1)
+        again_final = await raw.response("a2", nth=2)
+        assert again_accepted["payload"] == accepted["payload"]
+        assert again_final["payload"] == payload
+        history = await raw.call("h2", "chat.history", {"sessionKey": SESSION})
+        assert len(history["payload"]["messages"]) == 2
 
-            waited = await raw.call("w", "agent.wait", {"runId": "agent-1"})
-            assert waited["payload"]["status"] == "ok"
-            assert waited["payload"]["startedAt"] <= waited["payload"]["endedAt"]
+        waited = await raw.call("w", "agent.wait", {"runId": "agent-1"})
+        assert waited["payload"]["status"] == "ok"
+        assert waited["payload"]["startedAt"] <= waited["payload"]["endedAt"]
 
 
 async def test_agent_wait_times_out_then_sees_the_end(start_gateway, connect, llm) -> None:
@@ -62,53 +74,61 @@ async def test_agent_wait_times_out_then_sees_the_end(start_gateway, connect, ll
     pieces = openai_chunks(TEXTS)
     llm.route("POST", "/v1/chat/completions", Reply(body=[*pieces[:2], hold, *pieces[2:]]))
     config = provider_config(llm.base_url)
-    async with start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw:
-        async with connect(gw) as client, connect(gw) as waiter:
-            await add_key(client, "openai", "sk-agent-test-0123456789abcdefgh")
-            outcome: dict = {}
+    async with (
+        start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw,
+        connect(gw) as client,
+        connect(gw) as waiter,
+    ):
+        await add_key(client, "openai", "sk-agent-test-0123456789abcdefgh")
+        outcome: dict = {}
 
-            async def run_agent() -> None:
-                outcome["final"] = await client.request(
-                    "agent",
-                    {"message": "slow one", "idempotencyKey": "slow", "sessionKey": "main"},
-                    responses=2,
-                )
+        async def run_agent() -> None:
+            outcome["final"] = await client.request(
+                "agent",
+                {"message": "slow one", "idempotencyKey": "slow", "sessionKey": "main"},
+                responses=2,
+            )
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_agent)
-                with trio.fail_after(30):
-                    await waiter.next_event("chat.delta")
-                early = await waiter.call("agent.wait", {"runId": "slow", "timeoutMs": 50})
-                assert early == {"runId": "slow", "status": "timeout"}
-                hold.set()
-                done = await waiter.call("agent.wait", {"runId": "slow", "timeoutMs": 30_000})
-                assert done["status"] == "ok"
-            accepted, final = outcome["final"]
-            assert accepted["payload"]["status"] == "accepted"
-            assert final["payload"]["result"]["text"] == "".join(TEXTS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_agent)
+            with trio.fail_after(30):
+                await waiter.next_event("chat.delta")
+            early = await waiter.call("agent.wait", {"runId": "slow", "timeoutMs": 50})
+            assert early == {"runId": "slow", "status": "timeout"}
+            hold.set()
+            done = await waiter.call("agent.wait", {"runId": "slow", "timeoutMs": 30_000})
+            assert done["status"] == "ok"
+        accepted, final = outcome["final"]
+        assert accepted["payload"]["status"] == "accepted"
+        assert final["payload"]["result"]["text"] == "".join(TEXTS)
 
 
 async def test_an_aborted_agent_run_ends_its_request(start_gateway, connect) -> None:
-    async with start_gateway(plugins=chat_plugins(), use_entry_points=False) as gateway:
-        async with connect(gateway) as client, connect(gateway) as other:
-            outcome: dict = {}
+    async with (
+        start_gateway(
+            plugins=chat_plugins(held=HeldPlugin()), config=HELD_CONFIG, use_entry_points=False
+        ) as gateway,
+        connect(gateway) as client,
+        connect(gateway) as other,
+    ):
+        outcome: dict = {}
 
-            async def run_agent() -> None:
-                outcome["frames"] = await client.request(
-                    "agent",
-                    {"message": "word " * 400, "idempotencyKey": "ag", "sessionKey": SESSION},
-                    responses=2,
-                )
+        async def run_agent() -> None:
+            outcome["frames"] = await client.request(
+                "agent",
+                {"message": "go", "idempotencyKey": "ag", "sessionKey": SESSION},
+                responses=2,
+            )
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_agent)
-                with trio.fail_after(30):
-                    await other.next_event("chat.delta")
-                result = await other.call("chat.abort", {"sessionKey": SESSION})
-                assert result["runIds"] == ["ag"]
-            final = outcome["frames"][1]
-            assert final["ok"] and final["payload"]["status"] == "aborted"
-            assert final["payload"]["result"]["stopReason"] == "rpc"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_agent)
+            with trio.fail_after(30):
+                await other.next_event("chat.delta")
+            result = await other.call("chat.abort", {"sessionKey": SESSION})
+            assert result["runIds"] == ["ag"]
+        final = outcome["frames"][1]
+        assert final["ok"] and final["payload"]["status"] == "aborted"
+        assert final["payload"]["result"] == {"text": "first ", "stopReason": "rpc"}
 
 
 async def test_agent_identity_comes_from_config(start_gateway, connect) -> None:
@@ -117,30 +137,30 @@ async def test_agent_identity_comes_from_config(start_gateway, connect) -> None:
             "chat": {"identity": {"name": "Nox", "emoji": "🦉", "avatar": "https://x.test/a.png"}}
         }
     }
-    async with start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw:
-        async with connect(gw, scopes=("operator.read",)) as reader:
-            identity = await reader.call("agent.identity.get", {})
-            assert identity == {
-                "agentId": "main",
-                "name": "Nox",
-                "emoji": "🦉",
-                "avatar": "https://x.test/a.png",
-            }
-            by_session = await reader.call(
-                "agent.identity.get", {"sessionKey": "agent:Helper:main"}
-            )
-            assert by_session["agentId"] == "helper"
-            both = await reader.call(
-                "agent.identity.get", {"agentId": "helper", "sessionKey": "agent:helper:x"}
-            )
-            assert both["agentId"] == "helper"
+    async with (
+        start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw,
+        connect(gw, scopes=("operator.read",)) as reader,
+    ):
+        identity = await reader.call("agent.identity.get", {})
+        assert identity == {
+            "agentId": "main",
+            "name": "Nox",
+            "emoji": "🦉",
+            "avatar": "https://x.test/a.png",
+        }
+        by_session = await reader.call("agent.identity.get", {"sessionKey": "agent:Helper:main"})
+        assert by_session["agentId"] == "helper"
+        both = await reader.call(
+            "agent.identity.get", {"agentId": "helper", "sessionKey": "agent:helper:x"}
+        )
+        assert both["agentId"] == "helper"
 
 
 async def test_identity_config_is_validated(start_gateway) -> None:
     from kernel import GatewayStartupError
 
     config = {"plugins": {"chat": {"identity": {"name": ""}}}}
-    with pytest.raises(GatewayStartupError, match="plugins.chat.identity.name"):
+    with pytest.raises(GatewayStartupError, match=r"plugins\.chat\.identity\.name"):
         async with start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False):
             pass
 
@@ -186,28 +206,30 @@ class ShoutingPlugin:
 async def test_a_third_party_provider_serves_runs_and_listings(start_gateway, connect) -> None:
     shouting = ShoutingPlugin()
     plugins = chat_plugins(shouting=shouting)
-    async with start_gateway(plugins=plugins, use_entry_points=False) as gateway:
-        async with connect(gateway) as client:
-            frames = await client.request(
-                "agent",
-                {"message": "quiet please", "idempotencyKey": "s1", "model": "shout/shout-9"},
-                responses=2,
-            )
-            result = frames[1]["payload"]["result"]
-            assert result["text"] == "QUIET PLEASE "
-            assert (result["provider"], result["model"]) == ("shout", "shout-9")
-            assert shouting.provider.requests[-1].model == "shout-9"
+    async with (
+        start_gateway(plugins=plugins, use_entry_points=False) as gateway,
+        connect(gateway) as client,
+    ):
+        frames = await client.request(
+            "agent",
+            {"message": "quiet please", "idempotencyKey": "s1", "model": "shout/shout-9"},
+            responses=2,
+        )
+        result = frames[1]["payload"]["result"]
+        assert result["text"] == "QUIET PLEASE "
+        assert (result["provider"], result["model"]) == ("shout", "shout-9")
+        assert shouting.provider.requests[-1].model == "shout-9"
 
-            listing = await client.call("models.list", {})
-            assert {"id": "shout-1", "name": "Shout one", "provider": "shout"} in listing["models"]
-            described = await client.call("anima.providers.get", {"provider": "shout"})
-            assert described["providers"][0]["kind"] == "plugin"
+        listing = await client.call("models.list", {})
+        assert {"id": "shout-1", "name": "Shout one", "provider": "shout"} in listing["models"]
+        described = await client.call("anima.providers.get", {"provider": "shout"})
+        assert described["providers"][0]["kind"] == "plugin"
 
-            # A chat without a model still gets the default (offline): the third party is
-            # only used when asked for, or when config makes it the default.
-            await send(client, "c1", "hello")
-            frames = await run_events(client, "c1")
-            assert frames[-1]["payload"]["provider"] == "offline"
+        # A chat without a model still gets the default (offline): the third party is
+        # only used when asked for, or when config makes it the default.
+        await send(client, "c1", "hello")
+        frames = await run_events(client, "c1")
+        assert frames[-1]["payload"]["provider"] == "offline"
         assert shouting.provider.closed == 0
     # The provider protocol's aclose, once, at shutdown.
     assert shouting.provider.closed == 1
@@ -216,23 +238,27 @@ async def test_a_third_party_provider_serves_runs_and_listings(start_gateway, co
 async def test_a_third_party_provider_can_be_the_default(start_gateway, connect) -> None:
     config = {"plugins": {"providers": {"defaultProvider": "shout"}}}
     plugins = chat_plugins(shouting=ShoutingPlugin())
-    async with start_gateway(plugins=plugins, config=config, use_entry_points=False) as gateway:
-        async with connect(gateway) as client:
-            await send(client, "c1", "make some noise")
-            frames = await run_events(client, "c1")
-            final = frames[-1]["payload"]
-            assert (final["provider"], final["model"], final["text"]) == (
-                "shout",
-                "shout-1",
-                "MAKE SOME NOISE ",
-            )
+    async with (
+        start_gateway(plugins=plugins, config=config, use_entry_points=False) as gateway,
+        connect(gateway) as client,
+    ):
+        await send(client, "c1", "make some noise")
+        frames = await run_events(client, "c1")
+        final = frames[-1]["payload"]
+        assert (final["provider"], final["model"], final["text"]) == (
+            "shout",
+            "shout-1",
+            "MAKE SOME NOISE ",
+        )
 
 
 async def test_a_default_provider_that_is_not_installed_is_a_503(start_gateway, connect) -> None:
     config = {"plugins": {"providers": {"defaultProvider": "shout"}}}
-    async with start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw:
-        async with connect(gw) as client:
-            with pytest.raises(GatewayError) as refused:
-                await send(client, "c1")
-            assert refused.value.code == 503
-            assert "defaultProvider" in refused.value.message
+    async with (
+        start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw,
+        connect(gw) as client,
+    ):
+        with pytest.raises(GatewayError) as refused:
+            await send(client, "c1")
+        assert refused.value.code == 503
+        assert "defaultProvider" in refused.value.message

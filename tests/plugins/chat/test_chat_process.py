@@ -36,35 +36,39 @@ async def test_killing_the_gateway_mid_run_loses_no_acknowledged_message(
 ) -> None:
     hold = trio.Event()  # never set: the first answer stops half-way
     llm.route("POST", "/v1/chat/completions", Reply(body=[*openai_chunks(TEXTS)[:2], hold]))
-    async with gateway_process(state_dir, gateway_token, openai_config(llm.base_url)) as gw:
-        async with open_client(gw.url, token=gateway_token) as client:
-            await add_key(client, "openai", KEY)
-            first = await send(client, "doomed", "remember me")
-            assert first["status"] == "started"
-            with trio.fail_after(30):
-                await client.next_event("chat.delta")
-            # Queued behind the first run in the session lane, acknowledged all the same.
-            for n in range(3):
-                ack = await send(client, f"queued-{n}", f"and me {n}")
-                assert ack["status"] == "started"
-            gw.process.send_signal(signal.SIGKILL)
-            with trio.fail_after(30):
-                await gw.process.wait()
+    async with (
+        gateway_process(state_dir, gateway_token, openai_config(llm.base_url)) as gw,
+        open_client(gw.url, token=gateway_token) as client,
+    ):
+        await add_key(client, "openai", KEY)
+        first = await send(client, "doomed", "remember me")
+        assert first["status"] == "started"
+        with trio.fail_after(30):
+            await client.next_event("chat.delta")
+        # Queued behind the first run in the session lane, acknowledged all the same.
+        for n in range(3):
+            ack = await send(client, f"queued-{n}", f"and me {n}")
+            assert ack["status"] == "started"
+        gw.process.send_signal(signal.SIGKILL)
+        with trio.fail_after(30):
+            await gw.process.wait()
     assert gw.process.returncode == -signal.SIGKILL
 
-    async with start_gateway(plugins=chat_plugins(), use_entry_points=False) as restarted:
-        async with open_client(f"ws://127.0.0.1:{restarted.port}", token=gateway_token) as c:
-            history = await c.call("chat.history", {"sessionKey": SESSION})
-            users = [(m["runId"], m["text"]) for m in history["messages"] if m["role"] == "user"]
-            assert users == [
-                ("doomed", "remember me"),
-                ("queued-0", "and me 0"),
-                ("queued-1", "and me 1"),
-                ("queued-2", "and me 2"),
-            ]
-            # The key the operator added survived too.
-            described = await c.call("anima.providers.get", {"provider": "openai"})
-            assert described["providers"][0]["keyCount"] == 1
+    async with (
+        start_gateway(plugins=chat_plugins(), use_entry_points=False) as restarted,
+        open_client(f"ws://127.0.0.1:{restarted.port}", token=gateway_token) as c,
+    ):
+        history = await c.call("chat.history", {"sessionKey": SESSION})
+        users = [(m["runId"], m["text"]) for m in history["messages"] if m["role"] == "user"]
+        assert users == [
+            ("doomed", "remember me"),
+            ("queued-0", "and me 0"),
+            ("queued-1", "and me 1"),
+            ("queued-2", "and me 2"),
+        ]
+        # The key the operator added survived too.
+        described = await c.call("anima.providers.get", {"provider": "openai"})
+        assert described["providers"][0]["keyCount"] == 1
 
 
 class Output:
@@ -97,58 +101,60 @@ async def test_the_chat_command_streams_answers_and_ctrl_c_aborts_only_the_run(
 
     llm.route("POST", "/v1/chat/completions", answer)
     session = "agent:main:terminal"
-    async with gateway_process(state_dir, gateway_token, openai_config(llm.base_url)) as gw:
-        async with open_client(gw.url, token=gateway_token) as admin:
-            await add_key(admin, "openai", KEY)
-            cli = await trio.lowlevel.open_process(
-                [ANIMA_GATEWAY, "chat", "--url", gw.url, "--session", session],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                env={"ANIMA_GATEWAY_TOKEN": gateway_token, "PATH": "/usr/bin:/bin"},
-            )
-            try:
-                assert cli.stdin is not None and cli.stdout is not None
-                out = Output(cli.stdout)
-                await cli.stdin.send_all("first question ✓\n".encode())
-                # The first piece shows while the server still holds the rest: it streams.
-                mark = await out.until(b"openai> " + TEXTS[0].encode())
-                assert b"[openai/" not in out.data
-                gates[0].set()
-                mark = await out.until(b"[openai/gpt-test: 11 in, 7 out]\n", after=mark)
-                assert "".join(TEXTS).encode() in out.data
+    async with (
+        gateway_process(state_dir, gateway_token, openai_config(llm.base_url)) as gw,
+        open_client(gw.url, token=gateway_token) as admin,
+    ):
+        await add_key(admin, "openai", KEY)
+        cli = await trio.lowlevel.open_process(
+            [ANIMA_GATEWAY, "chat", "--url", gw.url, "--session", session],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={"ANIMA_GATEWAY_TOKEN": gateway_token, "PATH": "/usr/bin:/bin"},
+        )
+        try:
+            assert cli.stdin is not None and cli.stdout is not None
+            out = Output(cli.stdout)
+            await cli.stdin.send_all("first question ✓\n".encode())
+            # The first piece shows while the server still holds the rest: it streams.
+            mark = await out.until(b"openai> " + TEXTS[0].encode())
+            assert b"[openai/" not in out.data
+            gates[0].set()
+            mark = await out.until(b"[openai/gpt-test: 11 in, 7 out]\n", after=mark)
+            assert "".join(TEXTS).encode() in out.data
 
-                await cli.stdin.send_all(b"second question\n")
-                mark = await out.until(b"openai> " + TEXTS[0].encode(), after=mark)
-                cli.send_signal(signal.SIGINT)
-                mark = await out.until(b"[aborted: rpc]\n", after=mark)
-                with trio.fail_after(10):
-                    await llm.client_gone.wait()
-                assert cli.returncode is None, "Ctrl-C must abort the run, not the program"
+            await cli.stdin.send_all(b"second question\n")
+            mark = await out.until(b"openai> " + TEXTS[0].encode(), after=mark)
+            cli.send_signal(signal.SIGINT)
+            mark = await out.until(b"[aborted: rpc]\n", after=mark)
+            with trio.fail_after(10):
+                await llm.client_gone.wait()
+            assert cli.returncode is None, "Ctrl-C must abort the run, not the program"
 
-                await cli.stdin.send_all(b"third\n")
-                await out.until(b"openai> " + TEXTS[0].encode(), after=mark)
-                gates[2].set()
-                await out.until(b"[openai/gpt-test: 11 in, 7 out]\n", after=mark)
-                await cli.stdin.aclose()  # Ctrl-D
-                with trio.fail_after(30):
-                    assert await cli.wait() == 0
-            finally:
-                if cli.returncode is None:
-                    cli.kill()
-                    await cli.wait()
+            await cli.stdin.send_all(b"third\n")
+            await out.until(b"openai> " + TEXTS[0].encode(), after=mark)
+            gates[2].set()
+            await out.until(b"[openai/gpt-test: 11 in, 7 out]\n", after=mark)
+            await cli.stdin.aclose()  # Ctrl-D
+            with trio.fail_after(30):
+                assert await cli.wait() == 0
+        finally:
+            if cli.returncode is None:
+                cli.kill()
+                await cli.wait()
 
-            history = await admin.call("chat.history", {"sessionKey": session})
-            assert [(m["role"], m.get("stopReason")) for m in history["messages"]] == [
-                ("user", None),
-                ("assistant", "stop"),
-                ("user", None),
-                ("assistant", "aborted"),
-                ("user", None),
-                ("assistant", "stop"),
-            ]
-            assert history["messages"][0]["text"] == "first question ✓"
-            assert history["messages"][3]["text"] == TEXTS[0]
+        history = await admin.call("chat.history", {"sessionKey": session})
+        assert [(m["role"], m.get("stopReason")) for m in history["messages"]] == [
+            ("user", None),
+            ("assistant", "stop"),
+            ("user", None),
+            ("assistant", "aborted"),
+            ("user", None),
+            ("assistant", "stop"),
+        ]
+        assert history["messages"][0]["text"] == "first question ✓"
+        assert history["messages"][3]["text"] == TEXTS[0]
 
 
 async def test_the_chat_command_reports_an_unreachable_gateway(gateway_token) -> None:

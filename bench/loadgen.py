@@ -66,6 +66,7 @@ class Window:
     end: float
 
     def contains(self, moment: float) -> bool:
+        """Whether ``moment`` falls inside the window."""
         return self.start <= moment <= self.end
 
 
@@ -75,6 +76,7 @@ def trio_deadline(perf_moment: float) -> float:
 
 
 async def sleep_until(perf_moment: float) -> None:
+    """Sleep until the ``perf_counter`` clock reaches ``perf_moment``."""
     await trio.sleep(max(0.0, perf_moment - time.perf_counter()))
 
 
@@ -90,6 +92,7 @@ class StartGate:
             self.all_arrived.set()
 
     def arrive(self) -> None:
+        """Report one worker connected or failed; the last one opens the gate."""
         self.arrived += 1
         if self.arrived >= self._expected:
             self.all_arrived.set()
@@ -178,6 +181,7 @@ class CpuMeter:
         self._server_pid = server_pid
 
     def sample(self) -> CpuSample:
+        """Read all three counters now."""
         server = None
         if self._server_pid is not None:
             try:

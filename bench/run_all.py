@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wsclient import CLIENT_KINDS
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 LOADGEN = BENCH_DIR / "loadgen.py"
@@ -109,9 +111,11 @@ class ServerProcess:
 
     @property
     def pid(self) -> int:
+        """The server's process id (the console script execs Python in place)."""
         return self.process.pid
 
     def alive(self) -> bool:
+        """Whether the process is still running."""
         return self.process.poll() is None
 
     def log_tail(self, lines: int = 8) -> str:
@@ -635,6 +639,7 @@ class Report:
         return found
 
     def median(self, metric: Metric, target: str) -> float | None:
+        """Median of the metric over the runs of ``target``, None without data."""
         found = self.values(metric, target)
         return statistics.median(found) if found else None
 
@@ -652,6 +657,7 @@ class Report:
         return text
 
     def ratio(self, metric: Metric) -> str:
+        """gateway median / bare median, formatted for the table."""
         gateway, bare = self.median(metric, GATEWAY), self.median(metric, BARE)
         if gateway is None or bare is None or bare == 0:
             return "n/a"
@@ -937,11 +943,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--warmup", type=float, help="unmeasured seconds first (default 1)")
     parser.add_argument("--settle", type=float, help="seconds before RSS readings (default 1)")
     parser.add_argument("--idle-connections", type=int, help="idle scenario size (default 500)")
-    parser.add_argument("--fanout-subscribers", type=int, default=100)
-    parser.add_argument("--handshake-clients", type=int, default=8)
-    parser.add_argument("--client", default="raw", help="loadgen --client (default raw)")
+    parser.add_argument(
+        "--fanout-subscribers", type=int, default=100, help="fanout scenario size (default 100)"
+    )
+    parser.add_argument(
+        "--handshake-clients", type=int, default=8, help="parallel handshake clients (default 8)"
+    )
+    parser.add_argument(
+        "--client", choices=CLIENT_KINDS, default="raw", help="loadgen --client (default raw)"
+    )
     parser.add_argument("--skip-gateway", action="store_true", help="measure the bare server only")
-    parser.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md")
+    parser.add_argument(
+        "--output", type=Path, default=BENCH_DIR / "RESULTS.md", help="default bench/RESULTS.md"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
 

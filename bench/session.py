@@ -67,6 +67,7 @@ class ErrorLog:
         self.samples: list[str] = []
 
     def add(self, message: str) -> None:
+        """Count one error, keeping its message if it is among the first few."""
         self.count += 1
         if len(self.samples) < ERROR_SAMPLES_KEPT:
             self.samples.append(message)
@@ -85,6 +86,7 @@ class SeqTracker:
         self.samples: list[str] = []
 
     def observe(self, seq: int) -> None:
+        """Record the next event's ``seq``; anything but last + 1 is a gap."""
         last = self.last
         if last is not None and seq != last + 1:
             self.gaps += 1
@@ -187,6 +189,7 @@ class Session:
         self.seq = SeqTracker(label)
 
     async def send_many(self, messages: list[bytes]) -> None:
+        """Send encoded frames through the transport in one batch."""
         await self.transport.send_many(messages)
 
     async def receive_frames(self, errors: ErrorLog) -> list[Frame]:
@@ -208,6 +211,7 @@ class Session:
         return frames
 
     async def aclose(self) -> None:
+        """Close the connection (bounded in time by the transport)."""
         await self.transport.aclose()
 
 

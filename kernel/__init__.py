@@ -26,6 +26,17 @@ from .frames import EmptyParams, NonEmptyStr, Params, Payload
 from .gateway import Gateway, GatewayStartupError
 from .hookspecs import hookimpl, hookspec
 from .jobs import Job, JobRegistry
+from .providers import (
+    ModelInfo,
+    ModelMessage,
+    ModelProvider,
+    ModelRequest,
+    ProviderError,
+    StreamDone,
+    StreamEvent,
+    TextDelta,
+    TokenUsage,
+)
 from .services import Services
 from .specs import (
     ADMIN,
@@ -62,13 +73,22 @@ __all__ = [
     "Job",
     "JobRegistry",
     "MethodSpec",
+    "ModelInfo",
+    "ModelMessage",
+    "ModelProvider",
+    "ModelRequest",
     "NonEmptyStr",
     "Params",
     "Payload",
+    "ProviderError",
     "Services",
     "Store",
     "StoreError",
     "StoreSchema",
+    "StreamDone",
+    "StreamEvent",
+    "TextDelta",
+    "TokenUsage",
     "UnknownEventError",
     "conflict",
     "forbidden",

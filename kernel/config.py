@@ -11,7 +11,7 @@ import copy
 import logging
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -144,12 +144,18 @@ def plugin_flags(raw: Mapping[str, Any]) -> tuple[frozenset[str], frozenset[str]
 
 
 def validate_config(
-    raw: Mapping[str, Any], schemas: Mapping[str, type[msgspec.Struct] | None]
+    raw: Mapping[str, Any],
+    schemas: Mapping[str, type[msgspec.Struct] | None],
+    *,
+    ignored: Collection[str] = (),
 ) -> LoadedConfig:
     """Validate a whole config document against the kernel's and the loaded plugins' schemas.
 
     :param raw: the parsed TOML document.
     :param schemas: each loaded plugin's section schema (``None`` for a plugin without one).
+    :param ignored: plugins that are installed but were left out (they failed to load); their
+        tables are kept as written, unchecked, so that a broken plugin does not also make
+        the config look wrong.
     :raises ConfigError: naming the first key at fault.
     """
     unknown = sorted(set(raw) - {"gateway", "plugins"})
@@ -162,7 +168,7 @@ def validate_config(
     sections: dict[str, msgspec.Struct | None] = {}
     tables = raw.get("plugins", {})
     for name in tables:
-        if name not in schemas and name not in disabled:
+        if name not in schemas and name not in disabled and name not in ignored:
             raise ConfigError(f"plugins.{name}: no plugin of that name is installed")
     for name, schema in schemas.items():
         table = {k: v for k, v in tables.get(name, {}).items() if k not in KERNEL_PLUGIN_KEYS}

@@ -131,7 +131,8 @@ class Gateway:
                 use_entry_points=self._use_entry_points,
             )
             tables = build_tables(manager, self.plugin_infos, required=required)
-            loaded = validate_config(raw, tables.schemas)
+            tables.failed.update(i.name for i in self.plugin_infos if i.state == "failed")
+            loaded = validate_config(raw, tables.schemas, ignored=tables.failed)
         except (ConfigError, PluginLoadError) as exc:
             raise GatewayStartupError(str(exc)) from exc
 
@@ -178,12 +179,15 @@ class Gateway:
             await store.aclose()
             raise GatewayStartupError(f"kernel device tables: {exc}") from exc
         tables: PluginTables = self._tables
-        for owner, schema in tables.store_schemas.items():
+        for owner, schema in list(tables.store_schemas.items()):
             try:
                 await store.migrate(schema.owner or owner, schema.migrations)
             except Exception as exc:
-                await store.aclose()
-                raise GatewayStartupError(f"plugin {owner}: {exc}") from exc
+                if owner in self._loaded.required:
+                    await store.aclose()
+                    raise GatewayStartupError(f"plugin {owner}: {exc}") from exc
+                logger.error("plugin %s left out: its store migration failed: %s", owner, exc)
+                self._leave_out(owner, f"store migration: {exc}")
 
         self.jobs = JobRegistry()
         self.services = Services(
@@ -195,7 +199,11 @@ class Gateway:
                 host=self.hostname,
             ),
             config=ConfigService(
-                self.config_path, self._loaded, tables.schemas, self._config_changed
+                self.config_path,
+                self._loaded,
+                tables.schemas,
+                self._config_changed,
+                ignored=tables.failed,
             ),
             store=store,
             events=EventBus(tables.events, self.connections),
@@ -231,11 +239,17 @@ class Gateway:
                     error.__cause__ = exc
                     return error
                 logger.exception("plugin %s failed to start and is left out", impl.plugin_name)
-                for info in self.plugin_infos:
-                    if info.name == impl.plugin_name:
-                        info.state, info.error = "failed", f"anima_startup: {exc}"
-                self._tables.drop_plugin(impl.plugin_name)
-                self.manager.unregister(name=impl.plugin_name)
+                # TODO(startup isolation): tasks the plugin started before raising keep
+                # running until shutdown; give each plugin its own nursery to cancel them.
+                self._leave_out(impl.plugin_name, f"anima_startup: {exc}")
+
+    def _leave_out(self, plugin: str, error: str) -> None:
+        for info in self.plugin_infos:
+            if info.name == plugin:
+                info.state, info.error = "failed", error
+        self._tables.drop_plugin(plugin)
+        if self.manager.get_plugin(plugin) is not None:
+            self.manager.unregister(name=plugin)
         return None
 
     # -- serving ---------------------------------------------------------------------------

@@ -40,11 +40,15 @@ class IdempotencyCache:
         return len(self._entries)
 
     def _prune(self) -> None:
+        """Drop expired outcomes, and the oldest ones past the bound.
+
+        Called just before an entry may be added, so it leaves room for that one.
+        """
         horizon = trio.current_time() - self._ttl_s
         for key in list(self._entries):
             entry = self._entries[key]
             expired = entry.finished_at is not None and entry.finished_at < horizon
-            if not expired and len(self._entries) <= self._max_entries:
+            if not expired and len(self._entries) < self._max_entries:
                 break
             if entry.finished_at is None and not expired:
                 # Never evict a request that is still running; its waiters rely on it.

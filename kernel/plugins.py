@@ -174,9 +174,13 @@ class PluginTables:
     event_owner: dict[str, str] = field(default_factory=dict)
     schemas: dict[str, type[msgspec.Struct] | None] = field(default_factory=dict)
     store_schemas: dict[str, StoreSchema] = field(default_factory=dict)
+    #: Plugins left out after they failed; their config tables are not checked.
+    failed: set[str] = field(default_factory=set)
 
     def drop_plugin(self, name: str) -> None:
-        """Forget everything a plugin declared (it failed to start)."""
+        """Forget everything a plugin declared (it failed to declare, migrate or start)."""
+        self.failed.add(name)
+        self.schemas.pop(name, None)
         for table, owners in ((self.methods, self.method_owner), (self.events, self.event_owner)):
             for key in [k for k, owner in owners.items() if owner == name]:
                 del table[key], owners[key]

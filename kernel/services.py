@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,10 +63,13 @@ class ConfigService:
         loaded: LoadedConfig,
         schemas: Mapping[str, type[msgspec.Struct] | None],
         on_change: Any,
+        *,
+        ignored: Collection[str] = (),
     ) -> None:
         self.path = path
         self.current = loaded
-        self._schemas = dict(schemas)
+        self._schemas = schemas
+        self._ignored = ignored
         self._on_change = on_change
         self._write_lock = trio.Lock()
 
@@ -84,7 +87,7 @@ class ConfigService:
 
     def validate(self, raw: Mapping[str, Any]) -> LoadedConfig:
         """Validate a whole document without applying it; raises ``ConfigError``."""
-        return validate_config(raw, self._schemas)
+        return validate_config(raw, self._schemas, ignored=self._ignored)
 
     async def replace(self, raw: Mapping[str, Any]) -> list[str]:
         """Validate ``raw``, write it atomically, make it current and tell the plugins.

@@ -57,6 +57,7 @@ def _read_port(process: subprocess.Popen[bytes]) -> int:
 
 @pytest.fixture(scope="module")
 def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareServer]:
+    """One bare server for the module, on a free port, always terminated."""
     log_path = tmp_path_factory.mktemp("bench") / "bare_server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -119,6 +120,7 @@ TINY = ("--duration", "0.5", "--warmup", "0.1")
 
 @pytest.mark.parametrize("client", ["raw", "wsproto", "trio-websocket"])
 def test_rpc_answers_every_request(bare_server: BareServer, client: str) -> None:
+    """Every client transport gets all pipelined requests answered."""
     result = run_loadgen(
         bare_server, "rpc", "--connections", "2", "--inflight", "4", "--client", client, *TINY
     )
@@ -132,6 +134,7 @@ def test_rpc_answers_every_request(bare_server: BareServer, client: str) -> None
 
 @pytest.mark.parametrize("device", [False, True], ids=["token", "ed25519"])
 def test_handshakes_complete(bare_server: BareServer, device: bool) -> None:
+    """Handshakes complete with a token, and with a signed Ed25519 device block."""
     extra = ("--device",) if device else ()
     result = run_loadgen(bare_server, "handshakes", "--connections", "2", *extra, *TINY)
     assert result["device"] is device
@@ -141,6 +144,7 @@ def test_handshakes_complete(bare_server: BareServer, device: bool) -> None:
 
 
 def test_fanout_delivers_every_event_in_order(bare_server: BareServer) -> None:
+    """Every subscriber sees the broadcasts, with per-connection seq and no gaps."""
     result = run_loadgen(
         bare_server,
         "fanout",
@@ -162,6 +166,7 @@ def test_fanout_delivers_every_event_in_order(bare_server: BareServer) -> None:
 
 
 def test_idle_reads_server_memory(bare_server: BareServer) -> None:
+    """Idle mode holds every connection and reads the server's VmRSS."""
     result = run_loadgen(
         bare_server, "idle", "--connections", "20", "--duration", "0.2", "--warmup", "0.2"
     )

@@ -22,8 +22,7 @@ from typing import Any
 
 import trio
 
-from kernel import GatewayError, Job, Services
-from kernel.providers import ProviderError, StreamDone, TextDelta
+from kernel import GatewayError, Job, ProviderError, Services, StreamDone, TextDelta
 
 from .config import ChatConfig
 
@@ -60,7 +59,7 @@ class Run:
         return {"runId": self.run_id, "sessionKey": self.session_key}
 
     def who(self) -> dict[str, Any]:
-        """Which provider and model answer, and why: stated on every run event but deltas."""
+        """Which provider and model answer: stated on every run event but deltas."""
         return {
             "provider": self.route["provider"],
             "providerName": self.route.get("displayName"),

@@ -29,7 +29,10 @@ from kernel import (
     EmptyParams,
     GatewayError,
     MethodSpec,
+    ModelInfo,
+    ModelProvider,
     Params,
+    ProviderError,
     Services,
     StoreSchema,
     conflict,
@@ -37,7 +40,6 @@ from kernel import (
     invalid_request,
     not_found,
 )
-from kernel.providers import ModelInfo, ModelProvider, ProviderError
 
 from .backends import AnthropicProvider, OfflineProvider, OpenAICompatibleProvider
 from .backends.offline import OFFLINE_MODEL_ID

@@ -12,7 +12,7 @@ The chat plugin (or any plugin that runs turns) reaches this through
     provider that needs a key and has no enabled one.
 
 ``router.stream(route, messages, *, max_tokens=None, on_rotate=None)``
-    An async iterator of ``kernel.providers.TextDelta`` and one final ``StreamDone``;
+    An async iterator of ``kernel.TextDelta`` and one final ``StreamDone``;
     ``messages`` are ``{"role", "content"}`` dicts. Raises ``ProviderError`` as the provider
     did. With auto-rotation on, a 401/403 or 429 that arrives before any text is retried once
     on the provider's next enabled key, which becomes the active one; ``on_rotate(notice)``
@@ -30,14 +30,16 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
-from kernel import GatewayError, invalid_request, unavailable
-from kernel.providers import (
+from kernel import (
+    GatewayError,
     ModelMessage,
     ModelProvider,
     ModelRequest,
     ProviderError,
     StreamEvent,
     TextDelta,
+    invalid_request,
+    unavailable,
 )
 
 if TYPE_CHECKING:

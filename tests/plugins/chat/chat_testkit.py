@@ -18,8 +18,15 @@ from typing import Any
 import trio
 from fake_llm_server import Reply, anthropic_events, json_reply, openai_chunks
 
-from kernel import GatewayClient, hookimpl
-from kernel.providers import ModelInfo, ModelRequest, StreamDone, TextDelta, TokenUsage
+from kernel import (
+    GatewayClient,
+    ModelInfo,
+    ModelRequest,
+    StreamDone,
+    TextDelta,
+    TokenUsage,
+    hookimpl,
+)
 from plugins.chat import ChatPlugin
 from plugins.providers import ProvidersPlugin
 from plugins.sessions import SessionsPlugin

@@ -20,8 +20,16 @@ from chat_testkit import (
 )
 from fake_llm_server import Reply, openai_chunks
 
-from kernel import GatewayError, hookimpl
-from kernel.providers import ModelInfo, ModelRequest, StreamDone, StreamEvent, TextDelta, TokenUsage
+from kernel import (
+    GatewayError,
+    ModelInfo,
+    ModelRequest,
+    StreamDone,
+    StreamEvent,
+    TextDelta,
+    TokenUsage,
+    hookimpl,
+)
 
 WRITER = ("operator.read", "operator.write")
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 import trio
+from trio_websocket import HandshakeError
 
 from .auth import TOKEN_FILE_NAME
 from .chat_client import run_chat
@@ -68,6 +69,11 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="shared token (default: env, then the token file)")
     parser.add_argument("--password", default=os.environ.get("ANIMA_GATEWAY_PASSWORD"))
     parser.add_argument("--state-dir", type=Path)
+
+
+def _describe(exc: BaseException) -> str:
+    """A readable cause; trio-websocket's HandshakeError keeps its text in the context."""
+    return str(exc) or str(exc.__context__ or "") or type(exc).__name__
 
 
 def resolve_token(explicit: str | None, state_dir: Path | None) -> str | None:
@@ -156,8 +162,8 @@ async def _call(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    except OSError as exc:
-        print(f"anima-gateway: cannot reach {args.url}: {exc}", file=sys.stderr)
+    except (OSError, HandshakeError) as exc:
+        print(f"anima-gateway: cannot reach {args.url}: {_describe(exc)}", file=sys.stderr)
         return 1
     print(json.dumps(payload, indent=2, ensure_ascii=False))
     return 0
@@ -252,8 +258,8 @@ async def _devices(args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"anima-gateway: {exc.code} {exc.reason}: {exc.message}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"anima-gateway: cannot reach {args.url}: {exc}", file=sys.stderr)
+    except (OSError, HandshakeError) as exc:
+        print(f"anima-gateway: cannot reach {args.url}: {_describe(exc)}", file=sys.stderr)
         return 1
     return 0
 

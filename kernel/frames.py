@@ -155,7 +155,9 @@ def validation_message(error: msgspec.MsgspecError) -> tuple[str, str | None]:
 
     path = _PATH_RE.search(text)
     if path:
-        field = path.group(1).replace("[", ".").replace("]", "") or None
+        # msgspec does not name dict keys in its paths, only "[...]"; say "any key" plainly.
+        dotted = path.group(1).replace("[...]", ".*").replace("[", ".").replace("]", "")
+        field = dotted or None
         text = text[: path.start()]
 
     inner = _MISSING_RE.search(text) or _UNKNOWN_RE.search(text)

@@ -73,26 +73,43 @@ async def test_migrations_are_applied_once_and_versioned(start_gateway, state_di
     assert _query(state_dir, version) == [(3,)]
 
 
-async def test_database_newer_than_the_code_stops_start_up(start_gateway):
+REQUIRED = "[plugins.notes]\nrequired = true\n"
+BROKEN_V2 = (NOTES_V2[0], "CREATE TABLE tags (name TEXT);\nINSERT INTO no_such_table VALUES (1);")
+
+
+def _info(gateway, name):
+    (info,) = [info for info in gateway.plugin_infos if info.name == name]
+    return info
+
+
+async def test_database_newer_than_the_code_leaves_the_plugin_out(start_gateway, state_dir):
     async with start_gateway(plugins={"notes": NotesPlugin(*NOTES_V2)}, use_entry_points=False):
         pass
     older = NotesPlugin(NOTES_V2[0])
+    async with start_gateway(plugins={"notes": older}, use_entry_points=False) as gateway:
+        assert _info(gateway, "notes").state == "failed"
+        assert "newer" in _info(gateway, "notes").error
+        assert older.services is None
+    # Unless it is required: then the gateway does not start at all.
     with pytest.raises(GatewayStartupError, match=r"notes.*newer"):
-        async with start_gateway(plugins={"notes": older}, use_entry_points=False):
+        async with start_gateway(
+            plugins={"notes": NotesPlugin(NOTES_V2[0])}, use_entry_points=False, config=REQUIRED
+        ):
             pytest.fail("the gateway must not start")
 
 
-async def test_failed_migration_stops_start_up_and_leaves_nothing_half_done(
-    start_gateway, state_dir
-):
-    broken = NotesPlugin(
-        NOTES_V2[0],
-        "CREATE TABLE tags (name TEXT);\nINSERT INTO no_such_table VALUES (1);",
-    )
+async def test_failed_migration_leaves_nothing_half_done(start_gateway, state_dir):
+    broken = NotesPlugin(*BROKEN_V2)
+    async with start_gateway(plugins={"notes": broken}, use_entry_points=False) as gateway:
+        assert _info(gateway, "notes").state == "failed"
+        assert "migration 2 failed" in _info(gateway, "notes").error
     with pytest.raises(GatewayStartupError, match="notes: migration 2 failed"):
-        async with start_gateway(plugins={"notes": broken}, use_entry_points=False):
+        async with start_gateway(
+            plugins={"notes": NotesPlugin(*BROKEN_V2)}, use_entry_points=False, config=REQUIRED
+        ):
             pytest.fail("the gateway must not start")
-    assert _query(state_dir, "SELECT version FROM schema_versions WHERE owner = 'notes'") == [(1,)]
+    version = "SELECT version FROM schema_versions WHERE owner = 'notes'"
+    assert _query(state_dir, version) == [(1,)]
     tables = {name for (name,) in _query(state_dir, "SELECT name FROM sqlite_master")}
     assert "notes" in tables and "tags" not in tables
 

@@ -242,6 +242,7 @@ class Gateway:
                 # TODO(startup isolation): tasks the plugin started before raising keep
                 # running until shutdown; give each plugin its own nursery to cancel them.
                 self._leave_out(impl.plugin_name, f"anima_startup: {exc}")
+        return None
 
     def _leave_out(self, plugin: str, error: str) -> None:
         for info in self.plugin_infos:
@@ -250,7 +251,6 @@ class Gateway:
         self._tables.drop_plugin(plugin)
         if self.manager.get_plugin(plugin) is not None:
             self.manager.unregister(name=plugin)
-        return None
 
     # -- serving ---------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .call import Call
 from .errors import GatewayError
@@ -32,6 +31,7 @@ from .frames import (
     error_shape,
 )
 from .specs import MethodSpec, missing_permission
+from .websocket import ServerWebSocket, WebSocketClosed
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -47,6 +47,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_RESTART = 1012
 
 _WRITE_QUEUE_FRAMES = 4096
+_WRITE_BATCH_BYTES = 256 * 1024
 _CLOSE_TIMEOUT_S = 2.0
 
 
@@ -76,7 +77,7 @@ class SlowConsumer(Exception):
 class Connection:
     """The kernel's side of one handshaken client."""
 
-    def __init__(self, gateway: Gateway, ws: WebSocketConnection, info: ConnectionInfo) -> None:
+    def __init__(self, gateway: Gateway, ws: ServerWebSocket, info: ConnectionInfo) -> None:
         self.gateway = gateway
         self.ws = ws
         self.info = info
@@ -95,6 +96,7 @@ class Connection:
         self._nursery: trio.Nursery | None = None
         self._close_code: int | None = None
         self._close_reason = ""
+        self._discard_outbox = False
         #: The hello-ok payload, built during the handshake.
         self.hello: object = None
 
@@ -165,6 +167,11 @@ class Connection:
     def close_soon(self, code: int, reason: str, *, flush: bool = False) -> None:
         """Close the connection from anywhere on the event loop, without waiting.
 
+        The reader stops taking requests and the writer finishes the write it is in (never
+        cutting a frame in half, which the client would read as garbage), then the close
+        frame goes out. A client that does not take even that write within the close
+        timeout is dropped without one.
+
         :param flush: send what is already queued first (a graceful close such as a
             restart); otherwise the queue is abandoned (a slow consumer's never drains).
         """
@@ -172,11 +179,10 @@ class Connection:
             return
         self._close_code, self._close_reason = code, reason
         logger.info("closing connection %s: %d %s", self.info.conn_id, code, reason)
-        if flush:
-            # The writer ends once the queue is empty and then stops the reader.
-            self._outbox_send.close()
-        elif self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        self._discard_outbox = not flush
+        self._outbox_send.close()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.deadline = trio.current_time() + _CLOSE_TIMEOUT_S
 
     # -- running ---------------------------------------------------------------------------
 
@@ -185,6 +191,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._close_code is not None:
+                    nursery.cancel_scope.deadline = trio.current_time() + _CLOSE_TIMEOUT_S
                 nursery.start_soon(self._write_loop)
                 await self._read_loop()
                 nursery.cancel_scope.cancel()
@@ -196,15 +204,28 @@ class Connection:
                     await self.ws.aclose(self._close_code, self._close_reason)
 
     async def _write_loop(self) -> None:
-        async with self._outbox_receive:
-            async for data in self._outbox_receive:
-                self.buffered_bytes -= len(data)
+        """Send queued frames, as many as are waiting in each socket write."""
+        outbox = self._outbox_receive
+        async with outbox:
+            async for first in outbox:
+                if self._discard_outbox:
+                    self.buffered_bytes -= len(first)
+                    continue
+                batch, size = [first], len(first)
+                while size < _WRITE_BATCH_BYTES:
+                    try:
+                        frame = outbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(frame)
+                    size += len(frame)
+                self.buffered_bytes -= size
                 try:
-                    await self.ws.send_message(data.decode())
-                except ConnectionClosed:
+                    await self.ws.send_frames(batch)
+                except WebSocketClosed:
                     self.close_soon(CLOSE_NORMAL, "")
                     return
-        # The queue was closed by a flushing close_soon and is now empty.
+        # The queue was closed (close_soon) and is now sent or dropped: stop the reader too.
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
@@ -213,7 +234,9 @@ class Connection:
         while True:
             try:
                 message = await self.ws.get_message()
-            except ConnectionClosed:
+            except WebSocketClosed:
+                return
+            if self._close_code is not None:
                 return
             try:
                 frame = decode_request(message)

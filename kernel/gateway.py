@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import msgspec
 import pluggy
 import trio
-from trio_websocket import WebSocketRequest, WebSocketServer
 
 from .auth import SharedSecretAuth, build_rate_limiter
 from .config import (
@@ -47,6 +47,7 @@ from .plugins import (
 from .services import Clock, ConfigService, Connections, GatewayInfo, Services
 from .specs import EventSpec, MethodSpec
 from .store import Store
+from .websocket import ServerWebSocket
 
 __all__ = ["Gateway", "GatewayStartupError", "gateway_version"]
 
@@ -295,16 +296,11 @@ class Gateway:
     async def _serve_clients(
         self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[Gateway]
     ) -> None:
-        limits = self._loaded.gateway.limits
         async with trio.open_nursery() as handlers:
-            server = WebSocketServer(
-                self._handle,
-                listeners,
-                handler_nursery=handlers,
-                max_message_size=limits.max_payload,
+            await handlers.start(
+                partial(trio.serve_listeners, self._handle, listeners, handler_nursery=handlers)
             )
-            await handlers.start(server.run)
-            self.port = server.port
+            self.port = listeners[0].socket.getsockname()[1]
             logger.info(
                 "gateway listening",
                 extra={"host": self._loaded.gateway.host, "port": self.port},
@@ -345,32 +341,30 @@ class Gateway:
             await trio.sleep(interval_s)
             self.services.events.emit("tick", {"ts": self.services.clock.now_ms()})
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, stream: trio.SocketStream) -> None:
         # An exception escaping here would cancel the server's handler nursery and with it
         # every other client; one broken connection must stay one broken connection.
         try:
-            await self._serve_request(request)
+            await self._serve_stream(stream)
         except Exception:
             logger.exception("connection handler failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
-    async def _serve_request(self, request: WebSocketRequest) -> None:
-        if self._stopping or len(self.connections) >= self._loaded.gateway.limits.max_connections:
-            await request.reject(503, body=b"gateway unavailable")
+    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+        limits = self._loaded.gateway.limits
+        ws = ServerWebSocket(stream, max_message_size=limits.max_payload)
+        with trio.move_on_after(limits.handshake_timeout_ms / 1000):
+            upgrade = await ws.read_upgrade()
+        if upgrade is None:
             return
-        headers = {
-            name.decode("latin-1").lower(): value.decode("latin-1")
-            for name, value in request.headers
-        }
-        # wsproto takes Host out of the header list into the request event; locality and
-        # origin checks need it back, and trio-websocket has no public accessor for it.
-        host = getattr(getattr(request, "_event", None), "host", None)
-        if host:
-            headers["host"] = host
-        remote = request.remote
-        peer_ip = getattr(remote, "address", None) or str(remote)
-        client = resolve_client(str(peer_ip), headers, self.trusted_proxies)
-        ws = await request.accept()
-        connection = await run_handshake(self, ws, client, headers)
+        if self._stopping or len(self.connections) >= limits.max_connections:
+            await ws.reject(503, b"gateway unavailable")
+            return
+        client = resolve_client(upgrade.peer_ip, upgrade.headers, self.trusted_proxies)
+        await ws.accept()
+        connection = await run_handshake(self, ws, client, upgrade.headers)
         if connection is None:
             return
         try:

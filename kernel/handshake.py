@@ -34,7 +34,6 @@ from urllib.parse import urlsplit
 
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .connection import (
     CLOSE_NORMAL,
@@ -60,6 +59,7 @@ from .frames import (
 )
 from .locality import ClientAddress, is_loopback
 from .specs import event_allowed, missing_permission
+from .websocket import ServerWebSocket, WebSocketClosed
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -137,7 +137,7 @@ def _truncate(reason: str) -> str:
 
 
 async def run_handshake(
-    gateway: Gateway, ws: WebSocketConnection, client: ClientAddress, headers: Mapping[str, str]
+    gateway: Gateway, ws: ServerWebSocket, client: ClientAddress, headers: Mapping[str, str]
 ) -> Connection | None:
     """Take a fresh socket through the handshake; return the live connection or ``None``."""
     nonce = str(uuid.uuid4())
@@ -150,7 +150,7 @@ async def run_handshake(
     )
     request_id: str | None = None
     try:
-        await ws.send_message(encode_frame(challenge).decode())
+        await ws.send_frames((encode_frame(challenge),))
         timeout_s = gateway.config.gateway.limits.handshake_timeout_ms / 1000
         with trio.move_on_after(timeout_s) as waited:
             message = await ws.get_message()
@@ -173,21 +173,19 @@ async def run_handshake(
         if refusal.error is not None and request_id is not None:
             response = ResponseFrame(id=request_id, ok=False, error=error_shape(refusal.error))
             with trio.move_on_after(2):
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.send_message(encode_frame(response).decode())
+                with contextlib.suppress(WebSocketClosed):
+                    await ws.send_frames((encode_frame(response),))
         logger.info("handshake refused (%s): %s", client.ip or "unknown", refusal.reason)
         with trio.move_on_after(2):
             await ws.aclose(refusal.close_code, _truncate(refusal.reason))
         return None
-    except ConnectionClosed:
+    except WebSocketClosed:
         return None
 
     hello = connection.hello
     try:
-        await ws.send_message(
-            encode_frame(ResponseFrame(id=request_id, ok=True, payload=hello)).decode()
-        )
-    except ConnectionClosed:
+        await ws.send_frames((encode_frame(ResponseFrame(id=request_id, ok=True, payload=hello)),))
+    except WebSocketClosed:
         gateway.forget(connection)
         auth = connection.hello.auth if isinstance(connection.hello, HelloOk) else None
         if auth is not None and auth.device_token and auth.device_id:
@@ -200,7 +198,7 @@ async def run_handshake(
 
 async def _admit(
     gateway: Gateway,
-    ws: WebSocketConnection,
+    ws: ServerWebSocket,
     frame: RequestFrame,
     conn_id: str,
     nonce: str,

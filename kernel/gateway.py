@@ -45,7 +45,7 @@ from .plugins import (
     load_plugins,
 )
 from .services import Clock, ConfigService, Connections, GatewayInfo, Services
-from .specs import EventSpec, MethodSpec
+from .specs import EventSpec, MethodSpec, event_allowed
 from .store import Store
 from .websocket import ServerWebSocket
 
@@ -106,6 +106,7 @@ class Gateway:
         self.events: dict[str, EventSpec] = {}
         self.idempotency = IdempotencyCache()
         self.connections: dict[str, Connection] = {}
+        self._allowed_events_cache: dict[tuple[str, frozenset[str]], frozenset[str]] = {}
 
         self._stop_requested = trio.Event()
         self._stop_reason = "gateway stopping"
@@ -385,6 +386,23 @@ class Gateway:
         self.call_each(
             "anima_client_disconnected", services=self.services, connection=connection.info
         )
+
+    def events_allowed(self, role: str, scopes: frozenset[str]) -> frozenset[str]:
+        """The events a client of this role and scopes may receive, one shared set per kind.
+
+        Thousands of connections hold only a handful of distinct sets, so they share them.
+        """
+        key = (role, scopes)
+        allowed = self._allowed_events_cache.get(key)
+        if allowed is None:
+            allowed = frozenset(
+                name
+                for name, spec in self.events.items()
+                if event_allowed(role, scopes, spec.scope)
+            )
+            if len(self._allowed_events_cache) < 1024:
+                self._allowed_events_cache[key] = allowed
+        return allowed
 
     def snapshot_for(self, info: Any) -> dict[str, Any]:
         snapshot: dict[str, Any] = {}

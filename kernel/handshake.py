@@ -58,7 +58,7 @@ from .frames import (
     error_shape,
 )
 from .locality import ClientAddress, is_loopback
-from .specs import event_allowed, missing_permission
+from .specs import missing_permission
 from .websocket import ServerWebSocket, WebSocketClosed
 
 if TYPE_CHECKING:
@@ -182,12 +182,14 @@ async def run_handshake(
     except WebSocketClosed:
         return None
 
-    hello = connection.hello
+    # Not kept on the connection: the snapshot in it can be large, and idle connections
+    # are what a gateway has most of.
+    hello, connection.hello = connection.hello, None
     try:
         await ws.send_frames((encode_frame(ResponseFrame(id=request_id, ok=True, payload=hello)),))
     except WebSocketClosed:
         gateway.forget(connection)
-        auth = connection.hello.auth if isinstance(connection.hello, HelloOk) else None
+        auth = hello.auth if isinstance(hello, HelloOk) else None
         if auth is not None and auth.device_token and auth.device_id:
             # Shown once or never: a token the device never received would leave it holding
             # a "live" token it does not know, which only an operator could clear.
@@ -273,11 +275,7 @@ async def _admit(
         caps=frozenset(params.caps),
         commands=tuple(params.commands),
     )
-    info.allowed_events = frozenset(
-        name
-        for name, spec in gateway.events.items()
-        if event_allowed(info.role, info.scopes, spec.scope)
-    )
+    info.allowed_events = gateway.events_allowed(info.role, info.scopes)
     connection = Connection(gateway, ws, info)
     gateway.register(connection)
     connection.hello = _hello(gateway, connection, protocol, verdict, issued)

@@ -165,7 +165,11 @@ async def _call(args: argparse.Namespace) -> int:
     except (OSError, HandshakeError) as exc:
         print(f"anima-gateway: cannot reach {args.url}: {_describe(exc)}", file=sys.stderr)
         return 1
-    print(json.dumps(payload, indent=2, ensure_ascii=False))
+    try:
+        print(json.dumps(payload, indent=2, ensure_ascii=False), flush=True)
+    except BrokenPipeError:
+        # The reader (``| head``) left early; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -246,7 +246,14 @@ class Connection:
             await self._dispatch(frame)
 
     async def _dispatch(self, frame: RequestFrame) -> None:
-        """Hand a request to an idle worker, start one if none is idle, or wait for one."""
+        """Run a quick method here; hand anything else to an idle worker, to a new one if
+        none is idle, or wait for one when the connection is at its in-flight bound."""
+        spec = self.gateway.methods.get(frame.method)
+        if spec is not None and spec.quick:
+            # No hop to another task: for a handler that answers from memory the hop would
+            # cost more than the handler itself.
+            await self._serve(frame)
+            return
         try:
             self._requests_send.send_nowait(frame)
             return

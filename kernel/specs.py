@@ -63,6 +63,10 @@ class MethodSpec:
     :param idempotency_field: the params attribute holding an idempotency key. A repeat of a
         key gets the first request's result; a repeat while the first still runs waits for it.
     :param advertised: whether ``hello-ok.features.methods`` lists it.
+    :param quick: the handler answers from memory and never waits (no store, no network,
+        no sleeping), so the kernel runs it on the connection's reader instead of handing
+        it to a worker task. A quick handler that does wait delays the connection's next
+        requests; it is not a correctness problem, only a slow one.
     """
 
     name: str
@@ -72,6 +76,7 @@ class MethodSpec:
     idempotency_field: str | None = None
     advertised: bool = True
     description: str = ""
+    quick: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,9 @@
 """Smoke test for the benchmark tools in bench/, run as the real processes they are.
 
-``bench/bare_server.py`` is started once on port 0; ``bench/loadgen.py`` then runs each mode
-with tiny numbers and ``--json``. The checks are about shape and correctness only (expected
-keys, zero errors, some throughput), never about speed: timing assertions would make the
-suite flaky on a loaded machine, and the numbers belong in bench/RESULTS.md.
+``bench/bare_server.py`` is started once per stack on port 0; ``bench/loadgen.py`` then
+runs each mode with tiny numbers and ``--json``. The checks are about shape and correctness
+only (expected keys, zero errors, some throughput), never about speed: timing assertions
+would make the suite flaky on a loaded machine, and the numbers belong in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import selectors
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +56,13 @@ def _read_port(process: subprocess.Popen[bytes]) -> int:
     return int(line)
 
 
-@pytest.fixture(scope="module")
-def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareServer]:
-    """One bare server for the module, on a free port, always terminated."""
-    log_path = tmp_path_factory.mktemp("bench") / "bare_server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(BENCH_DIR / "bare_server.py"), "--port", "0", "--token", TOKEN],
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
+@contextmanager
+def running_bare_server(stack: str, log_dir: Path) -> Iterator[BareServer]:
+    """Run bare_server.py with ``--stack stack`` on a free port; always terminate it."""
+    command = [sys.executable, str(BENCH_DIR / "bare_server.py"), "--port", "0"]
+    command += ["--stack", stack, "--token", TOKEN]
+    with (log_dir / f"bare_server-{stack}.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
     try:
         port = _read_port(process)
         yield BareServer(f"ws://127.0.0.1:{port}", process.pid)
@@ -77,6 +75,20 @@ def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareServer
             process.wait(5)
         assert process.stdout is not None
         process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareServer]:
+    """The trio-websocket bare server, shared by the module."""
+    with running_bare_server("trio-websocket", tmp_path_factory.mktemp("bench")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def wsproto_bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BareServer]:
+    """The bare server on wsproto directly, shared by the module."""
+    with running_bare_server("wsproto", tmp_path_factory.mktemp("bench")) as server:
+        yield server
 
 
 def run_loadgen(server: BareServer, *args: str) -> dict[str, Any]:
@@ -174,3 +186,28 @@ def test_idle_reads_server_memory(bare_server: BareServer) -> None:
     assert result["rss_before_kib"] > 0
     assert result["rss_end_kib"] > 0
     assert result["kib_per_connection"] is not None
+
+
+@pytest.mark.parametrize(
+    "mode_args",
+    [
+        ("rpc", "--connections", "2", "--inflight", "4"),
+        ("handshakes", "--connections", "2", "--device"),
+        ("fanout", "--connections", "3", "--read-pause-ms", "1"),
+        ("idle", "--connections", "20"),
+    ],
+    ids=["rpc", "handshakes-device", "fanout", "idle"],
+)
+def test_wsproto_stack_serves_every_mode(
+    wsproto_bare_server: BareServer, mode_args: tuple[str, ...]
+) -> None:
+    """The wsproto bare server answers every mode as the trio-websocket one does."""
+    result = run_loadgen(wsproto_bare_server, *mode_args, *TINY)
+    headline = {
+        "rpc": "requests",
+        "handshakes": "handshakes",
+        "fanout": "events",
+        "idle": "connections_open",
+    }[result["mode"]]
+    assert result[headline] > 0
+    assert result.get("seq_gaps", 0) == 0

@@ -115,9 +115,9 @@ class HealthPlugin:
     def anima_methods(self) -> list[MethodSpec]:
         return [
             MethodSpec("health", self.health, READ, HealthParams, description="health summary"),
-            MethodSpec("status", self.status, READ, description="gateway status"),
-            MethodSpec("last-heartbeat", self.last_heartbeat, READ),
-            MethodSpec("system-presence", self.system_presence, READ),
+            MethodSpec("status", self.status, READ, description="gateway status", quick=True),
+            MethodSpec("last-heartbeat", self.last_heartbeat, READ, quick=True),
+            MethodSpec("system-presence", self.system_presence, READ, quick=True),
             MethodSpec("set-heartbeats", self.set_heartbeats, ADMIN, SetHeartbeatsParams),
             MethodSpec("system-event", self.system_event, ADMIN, SystemEventParams),
         ]

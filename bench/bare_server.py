@@ -12,9 +12,14 @@ machine, and the gateway's numbers can be read as a fraction of that ceiling:
 - for the emitter method (``--emit-method``) first sends one ``evt`` (``--event``) to every
   connection, each with that connection's own ``seq``, then answers.
 
-Usage: ``python bench/bare_server.py --port 0 [--cpu K] [--token T]``. The first line on
-stdout is the port it listens on. Logs go to stderr through the ``bench.bare_server``
-logger.
+Two WebSocket stacks (``--stack``): ``trio-websocket`` through its public API (a reader
+task, a one-slot queue and one write per message), and ``wsproto`` driven directly over a
+trio stream (every reply produced by one read leaves in one write), the way a server can
+go when trio-websocket's per-message cost matters.
+
+Usage: ``python bench/bare_server.py --port 0 [--stack S] [--cpu K] [--token T]``. The
+first line on stdout is the port it listens on. Logs go to stderr through the
+``bench.bare_server`` logger.
 """
 
 from __future__ import annotations
@@ -31,14 +36,29 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import msgspec
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
 
 logger = logging.getLogger("bench.bare_server")
 
 _HANDSHAKE_TIMEOUT_S = 10.0
+_RECEIVE_BYTES = 64 * 1024
+STACKS = ("trio-websocket", "wsproto")
 
 
 class RequestFrame(msgspec.Struct):
@@ -136,18 +156,25 @@ def _verify_device(params: ConnectParams, nonce: str) -> None:
         raise HandshakeRejected(401, "device signature invalid") from None
 
 
+class ConnectOutcome(msgspec.Struct):
+    """What to send for the first frame, and the close to follow if it was refused."""
+
+    reply: str | None
+    close: tuple[int, str] | None = None
+
+
 class BareConnection:
-    """One handshaken WebSocket and the per-connection event counter."""
+    """A handshaken connection: how to send it a text frame, and its event counter."""
 
-    __slots__ = ("seq", "ws")
+    __slots__ = ("send_text", "seq")
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
+    def __init__(self, send_text: Callable[[str], Awaitable[None]]) -> None:
+        self.send_text = send_text
         self.seq = 0
 
 
 class BareServer:
-    """Connection handler and broadcast registry for the bare server."""
+    """The protocol logic and broadcast registry, shared by both WebSocket stacks."""
 
     def __init__(self, token: str | None, emit_method: str, event_name: str) -> None:
         self._token = token
@@ -158,43 +185,23 @@ class BareServer:
         self._connections: set[BareConnection] = set()
         self._conn_ids = itertools.count(1)
 
-    async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        """Serve one WebSocket from upgrade to close."""
-        nonce = str(uuid.uuid4())
-        connection: BareConnection | None = None
-        try:
-            ws = await request.accept()
-            await ws.send_message(
-                '{"type":"evt","event":"connect.challenge","payload":{"nonce":"'
-                + nonce
-                + '","ts":'
-                + str(int(time.time() * 1000))
-                + "}}"
-            )
-            with trio.move_on_after(_HANDSHAKE_TIMEOUT_S) as handshake_scope:
-                first = await ws.get_message()
-            if handshake_scope.cancelled_caught:
-                await ws.aclose(1000)
-                return
-            if not await self._handshake(ws, first, nonce):
-                return
-            connection = BareConnection(ws)
-            self._connections.add(connection)
-            await self._serve_requests(ws)
-        except trio_websocket.ConnectionClosed:
-            pass
-        finally:
-            if connection is not None:
-                self._connections.discard(connection)
+    @staticmethod
+    def challenge(nonce: str) -> str:
+        """The ``connect.challenge`` event for a new connection."""
+        return (
+            '{"type":"evt","event":"connect.challenge","payload":{"nonce":"'
+            + nonce
+            + '","ts":'
+            + str(int(time.time() * 1000))
+            + "}}"
+        )
 
-    async def _handshake(
-        self, ws: trio_websocket.WebSocketConnection, first: str | bytes, nonce: str
-    ) -> bool:
+    def connect(self, first: str | bytes, nonce: str) -> ConnectOutcome:
+        """Check the first frame; return ``hello-ok``, or an error reply and a close."""
         try:
             frame = _request_decoder.decode(first)
         except msgspec.DecodeError:
-            await ws.aclose(1008, "invalid request frame")
-            return False
+            return ConnectOutcome(None, (1008, "invalid request frame"))
         try:
             if frame.type != "req" or frame.method != "connect":
                 raise HandshakeRejected(400, "invalid handshake: first request must be connect")
@@ -207,48 +214,201 @@ class BareServer:
             if params.device is not None:
                 _verify_device(params, nonce)
         except HandshakeRejected as exc:
-            await ws.send_message(_error_response(frame.id, exc.code, exc.message))
-            await ws.aclose(1008, exc.message[:120])
-            return False
-        conn_id = next(self._conn_ids)
-        await ws.send_message(
+            reply = _error_response(frame.id, exc.code, exc.message)
+            return ConnectOutcome(reply, (1008, exc.message[:120]))
+        return ConnectOutcome(
             '{"type":"res","id":'
             + msgspec.json.encode(frame.id).decode()
             + ',"ok":true,"payload":{"type":"hello-ok","protocol":3,'
             + '"server":{"version":"bare","connId":"bare-'
-            + str(conn_id)
+            + str(next(self._conn_ids))
             + '"},"features":{"methods":[],"events":[]},"snapshot":{},'
             + '"policy":{"maxPayload":8388608,"maxBufferedBytes":16777216,'
             + '"tickIntervalMs":30000}}}'
         )
-        return True
 
-    async def _serve_requests(self, ws: trio_websocket.WebSocketConnection) -> None:
-        """Answer requests in arrival order: the cheapest thing a server can do."""
-        while True:
-            message = await ws.get_message()
-            try:
-                frame = _request_decoder.decode(message)
-            except msgspec.DecodeError as exc:
-                await ws.send_message(_error_response("invalid", 400, f"invalid frame: {exc}"))
-                continue
-            if frame.method == self._emit_method:
-                await self._broadcast()
-            await ws.send_message(
-                '{"type":"res","id":'
-                + msgspec.json.encode(frame.id).decode()
-                + ',"ok":true,"payload":{"ok":true}}'
-            )
+    def register(self, connection: BareConnection) -> None:
+        """Make a handshaken connection a broadcast recipient."""
+        self._connections.add(connection)
 
-    async def _broadcast(self) -> None:
+    def unregister(self, connection: BareConnection) -> None:
+        """Forget a closed connection."""
+        self._connections.discard(connection)
+
+    def answer(self, message: str | bytes) -> tuple[str, bool]:
+        """The response to one request, and whether it must be broadcast first."""
+        try:
+            frame = _request_decoder.decode(message)
+        except msgspec.DecodeError as exc:
+            return _error_response("invalid", 400, f"invalid frame: {exc}"), False
+        reply = (
+            '{"type":"res","id":'
+            + msgspec.json.encode(frame.id).decode()
+            + ',"ok":true,"payload":{"ok":true}}'
+        )
+        return reply, frame.method == self._emit_method
+
+    async def broadcast(self) -> None:
         """Send one event to every handshaken connection, each with its own ``seq``."""
         text_start = self._event_prefix + '{"ts":' + str(int(time.time() * 1000)) + '},"seq":'
         for connection in list(self._connections):
             connection.seq += 1
             try:
-                await connection.ws.send_message(text_start + str(connection.seq) + "}")
-            except trio_websocket.ConnectionClosed:
-                self._connections.discard(connection)
+                await connection.send_text(text_start + str(connection.seq) + "}")
+            except (
+                trio_websocket.ConnectionClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ):
+                self.unregister(connection)
+
+
+async def serve_trio_websocket(
+    server: BareServer, request: trio_websocket.WebSocketRequest
+) -> None:
+    """One connection on trio-websocket's public API: one write per message."""
+    nonce = str(uuid.uuid4())
+    connection: BareConnection | None = None
+    try:
+        ws = await request.accept()
+        await ws.send_message(server.challenge(nonce))
+        with trio.move_on_after(_HANDSHAKE_TIMEOUT_S) as handshake_scope:
+            first = await ws.get_message()
+        if handshake_scope.cancelled_caught:
+            await ws.aclose(1000)
+            return
+        outcome = server.connect(first, nonce)
+        if outcome.reply is not None:
+            await ws.send_message(outcome.reply)
+        if outcome.close is not None:
+            await ws.aclose(*outcome.close)
+            return
+        connection = BareConnection(ws.send_message)
+        server.register(connection)
+        # Requests are answered in arrival order: the cheapest thing a server can do.
+        while True:
+            reply, broadcast = server.answer(await ws.get_message())
+            if broadcast:
+                await server.broadcast()
+            await ws.send_message(reply)
+    except trio_websocket.ConnectionClosed:
+        pass
+    finally:
+        if connection is not None:
+            server.unregister(connection)
+
+
+class WsprotoStream:
+    """A server-side wsproto state machine over one trio stream.
+
+    Frames are encoded in place and everything one read produces (all responses to a batch
+    of pipelined requests) leaves in a single write; a lock keeps broadcasts from other
+    tasks from interleaving with a write in progress.
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self._write_lock = trio.StrictFIFOLock()
+
+    async def write(self, data: bytes) -> None:
+        """Write already encoded frames."""
+        async with self._write_lock:
+            await self.stream.send_all(data)
+
+    async def send_text(self, text: str) -> None:
+        """Encode and write one text frame; a closing connection refuses it."""
+        if self.ws.state is not ConnectionState.OPEN:
+            raise trio.ClosedResourceError("connection is closing")
+        await self.write(self.ws.send(TextMessage(data=text)))
+
+
+async def serve_wsproto(server: BareServer, stream: trio.SocketStream) -> None:
+    """One connection on wsproto directly, with one write per batch of replies."""
+    connection = WsprotoStream(stream)
+    nonce = str(uuid.uuid4())
+    registered: BareConnection | None = None
+    parts: list[str | bytes] = []
+    closing = False
+    try:
+        with trio.move_on_after(_HANDSHAKE_TIMEOUT_S):
+            while registered is None and not closing:
+                registered, closing = await _wsproto_round(
+                    server, connection, nonce, parts, registered
+                )
+        while registered is not None and not closing:
+            registered, closing = await _wsproto_round(server, connection, nonce, parts, registered)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError):
+        pass
+    finally:
+        if registered is not None:
+            server.unregister(registered)
+        await trio.aclose_forcefully(stream)
+
+
+async def _wsproto_round(
+    server: BareServer,
+    connection: WsprotoStream,
+    nonce: str,
+    parts: list[str | bytes],
+    registered: BareConnection | None,
+) -> tuple[BareConnection | None, bool]:
+    """Read once, handle every event it yields, and write all replies in one go.
+
+    Returns the connection once it is handshaken, and whether the connection is closing.
+    """
+    data = await connection.stream.receive_some(_RECEIVE_BYTES)
+    if not data:
+        return registered, True
+    ws = connection.ws
+    ws.receive_data(data)
+    outgoing: list[bytes] = []
+    closing = False
+    for event in ws.events():
+        if isinstance(event, Request):
+            outgoing.append(ws.send(AcceptConnection()))
+            outgoing.append(ws.send(TextMessage(data=server.challenge(nonce))))
+        elif isinstance(event, TextMessage | BytesMessage):
+            parts.append(event.data)
+            if not event.message_finished:
+                continue
+            message = parts[0] if len(parts) == 1 else _join(parts)
+            parts.clear()
+            if registered is None:
+                outcome = server.connect(message, nonce)
+                if outcome.reply is not None:
+                    outgoing.append(ws.send(TextMessage(data=outcome.reply)))
+                if outcome.close is not None:
+                    code, reason = outcome.close
+                    outgoing.append(ws.send(CloseConnection(code=code, reason=reason)))
+                    closing = True
+                    break
+                registered = BareConnection(connection.send_text)
+                server.register(registered)
+                continue
+            reply, broadcast = server.answer(message)
+            if broadcast:
+                # Flush earlier replies first so the broadcast cannot overtake them.
+                await connection.write(b"".join(outgoing))
+                outgoing.clear()
+                await server.broadcast()
+            outgoing.append(ws.send(TextMessage(data=reply)))
+        elif isinstance(event, Ping):
+            outgoing.append(ws.send(event.response()))
+        elif isinstance(event, CloseConnection):
+            if ws.state is ConnectionState.REMOTE_CLOSING:
+                outgoing.append(ws.send(event.response()))
+            closing = True
+            break
+    if outgoing:
+        await connection.write(b"".join(outgoing))
+    return registered, closing
+
+
+def _join(parts: list[str | bytes]) -> str | bytes:
+    if isinstance(parts[0], str):
+        return "".join(part for part in parts if isinstance(part, str))
+    return b"".join(part for part in parts if isinstance(part, bytes))
 
 
 def _error_response(request_id: str, code: int, message: str) -> str:
@@ -268,11 +428,22 @@ async def serve(args: argparse.Namespace) -> None:
     """Listen, print the port on stdout, and serve until interrupted."""
     server = BareServer(args.token, args.emit_method, args.event)
     async with trio.open_nursery() as nursery:
-        listener = await nursery.start(
-            trio_websocket.serve_websocket, server.handle, args.host, args.port, None
-        )
-        print(listener.port, flush=True)
-        logger.info("bare server listening on %s:%d", args.host, listener.port)
+        if args.stack == "wsproto":
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, partial(serve_wsproto, server), args.port, host=args.host)
+            )
+            port = listeners[0].socket.getsockname()[1]
+        else:
+            listener = await nursery.start(
+                trio_websocket.serve_websocket,
+                partial(serve_trio_websocket, server),
+                args.host,
+                args.port,
+                None,
+            )
+            port = listener.port
+        print(port, flush=True)
+        logger.info("bare server (%s) listening on %s:%d", args.stack, args.host, port)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -282,6 +453,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--cpu", type=int, help="pin this process to CPU K")
     parser.add_argument("--token", help="require this auth.token (default: accept any)")
+    parser.add_argument(
+        "--stack",
+        choices=STACKS,
+        default="trio-websocket",
+        help="trio-websocket's public API (one write per message), or wsproto driven directly"
+        " (one write per batch of replies)",
+    )
     parser.add_argument("--emit-method", default="system-event", help="method that broadcasts")
     parser.add_argument("--event", default="presence.changed", help="name of the broadcast evt")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")

@@ -47,7 +47,9 @@ BARE_SERVER = BENCH_DIR / "bare_server.py"
 HOST = "127.0.0.1"
 GATEWAY = "gateway"
 BARE = "bare"
-TARGETS = (GATEWAY, BARE)
+BARE_WSPROTO = "bare-wsproto"
+BARE_STACKS = {BARE: "trio-websocket", BARE_WSPROTO: "wsproto"}
+TARGETS = (GATEWAY, BARE, BARE_WSPROTO)
 SERVER_START_TIMEOUT_S = 30.0
 SERVER_STOP_TIMEOUT_S = 5.0
 LOADGEN_SLACK_S = 60.0
@@ -55,7 +57,8 @@ MAX_STARTS_PER_TARGET = 3
 QUIET_SAMPLE_S = 0.25
 QUIET_CPU_SHARE = 0.05
 QUIET_MACHINE_SHARE = 0.25
-SHARED_MACHINE_PCT = 20.0
+QUIET_MACHINE_PCT = 10.0
+SHARED_MACHINE_PCT = 50.0
 QUIET_WAIT_LIMIT_S = 5.0
 PACKAGES = ("trio", "trio-websocket", "wsproto", "msgspec", "cryptography")
 
@@ -232,14 +235,16 @@ def _read_port_line(process: subprocess.Popen[bytes], timeout: float) -> int:
     return int(line)
 
 
-def start_bare(cpu: int | None, token: str, log_dir: Path) -> ServerProcess:
-    """Start the bare server on a free port and wait until it listens."""
-    log_path = log_dir / f"bare-{time.monotonic_ns()}.log"
+def start_bare(name: str, cpu: int | None, token: str, log_dir: Path) -> ServerProcess:
+    """Start the bare server ``name`` (its stack) on a free port; wait until it listens."""
+    log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
     command = [sys.executable, str(BARE_SERVER), "--host", HOST, "--port", "0"]
-    command += ["--token", token] + (["--cpu", str(cpu)] if cpu is not None else [])
+    # "--token=" keeps a token that starts with "-" from being read as an option.
+    command += ["--stack", BARE_STACKS[name], f"--token={token}"]
+    command += ["--cpu", str(cpu)] if cpu is not None else []
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-    server = ServerProcess(BARE, process, 0, log_path)
+    server = ServerProcess(name, process, 0, log_path)
     try:
         server.port = _read_port_line(process, SERVER_START_TIMEOUT_S)
     except BaseException:
@@ -300,8 +305,7 @@ def run_loadgen(
         scenario.mode,
         "--url",
         f"ws://{HOST}:{server.port}",
-        "--token",
-        token,
+        f"--token={token}",
         "--duration",
         str(settings.duration),
         "--warmup",
@@ -401,7 +405,7 @@ class Bench:
         self.log_dir.mkdir()
         self.state_root.mkdir()
         self.server_cpu, self.generator_cpu = choose_cpus()
-        self.targets = [BARE] if settings.skip_gateway else list(TARGETS)
+        self.targets = list(BARE_STACKS) if settings.skip_gateway else list(TARGETS)
         self.unavailable: dict[str, str] = {}
         if settings.skip_gateway:
             self.unavailable[GATEWAY] = "skipped with --skip-gateway"
@@ -419,8 +423,8 @@ class Bench:
         self._all_started: list[ServerProcess] = []
 
     def _start(self, target: str) -> ServerProcess:
-        if target == BARE:
-            server = start_bare(self.server_cpu, self.token, self.log_dir)
+        if target in BARE_STACKS:
+            server = start_bare(target, self.server_cpu, self.token, self.log_dir)
         else:
             server = start_gateway(self.server_cpu, self.token, self.state_root, self.log_dir)
         self._all_started.append(server)
@@ -591,6 +595,7 @@ SECTIONS: list[tuple[str, list[Metric]]] = [
         [
             Metric(START_RSS, "resident at start, MiB", _key("mib"), "size"),
             Metric("idle", "KiB per idle connection", _key("kib_per_connection"), "size"),
+            Metric("idle", "events sent to the idle connections", _key("events_seen"), "count"),
         ],
     ),
     (
@@ -656,9 +661,9 @@ class Report:
             text += f" ({low}-{high})"
         return text
 
-    def ratio(self, metric: Metric) -> str:
+    def ratio(self, metric: Metric, bare_target: str) -> str:
         """gateway median / bare median, formatted for the table."""
-        gateway, bare = self.median(metric, GATEWAY), self.median(metric, BARE)
+        gateway, bare = self.median(metric, GATEWAY), self.median(metric, bare_target)
         if gateway is None or bare is None or bare == 0:
             return "n/a"
         return f"{gateway / bare:.2f}"
@@ -721,8 +726,10 @@ class Report:
             f"other processes used {typical:.0f}% of a core in the median window and"
             f" {worst:.0f}% at most"
         )
-        if worst > SHARED_MACHINE_PCT:
+        if typical > QUIET_MACHINE_PCT or worst > SHARED_MACHINE_PCT:
             text += " — **the machine was shared; treat spreads as noise, not signal**"
+        elif worst > QUIET_MACHINE_PCT:
+            text += "; a few windows were shared briefly (see who was busy)"
         return text
 
     def _gateway_line(self) -> str:
@@ -740,29 +747,37 @@ class Report:
 
     def _goals(self) -> str:
         rows = ["## Product goals", ""]
-        rows += ["| goal | gateway | status | bare ceiling |", "|---|---|---|---|"]
+        rows += ["| goal | gateway | status | bare | bare-wsproto |", "|---|---|---|---|---|"]
         for title, evaluate in GOALS:
             gateway_text, met = evaluate(self, GATEWAY)
-            bare_text, _ = evaluate(self, BARE)
+            bares = [evaluate(self, target) for target in BARE_STACKS]
             if GATEWAY in self.bench.unavailable:
                 gateway_text, status = "n/a", "not measured"
             elif met is None:
                 status = "no data"
+            elif met:
+                status = "met"
+            elif all(bare_met is False for _, bare_met in bares):
+                status = "**not met**, nor by either bare server on this machine"
             else:
-                status = "met" if met else "**not met**"
-            rows.append(f"| {title} | {gateway_text} | {status} | {bare_text} |")
+                status = "**not met**"
+            bare_cells = " | ".join(text for text, _ in bares)
+            rows.append(f"| {title} | {gateway_text} | {status} | {bare_cells} |")
         return "\n".join(rows)
 
     def _sections(self) -> list[str]:
         rendered = []
         for title, metrics in SECTIONS:
-            rows = [f"## {title}", "", "| metric | gateway | bare | gateway/bare |"]
-            rows.append("|---|---|---|---|")
+            rows = [
+                f"## {title}",
+                "",
+                "| metric | gateway | bare | bare-wsproto | gateway/bare | gateway/bare-wsproto |",
+                "|---|---|---|---|---|---|",
+            ]
             for metric in metrics:
-                rows.append(
-                    f"| {metric.label} | {self.cell(metric, GATEWAY)} |"
-                    f" {self.cell(metric, BARE)} | {self.ratio(metric)} |"
-                )
+                cells = [self.cell(metric, target) for target in TARGETS]
+                cells += [self.ratio(metric, target) for target in BARE_STACKS]
+                rows.append(f"| {metric.label} | " + " | ".join(cells) + " |")
             rendered.append("\n".join(rows))
         return rendered
 
@@ -817,10 +832,13 @@ class Report:
         rows = [
             "## Notes",
             "",
-            "- The bare server (`bench/bare_server.py`) is trio-websocket answering the same"
-            " frames with the least work (it still verifies Ed25519 signatures); it is the"
-            " ceiling of the stack on this machine, so gateway/bare is the share of it the"
-            " gateway reaches. For latencies a ratio above 1 means slower.",
+            "- `bare` and `bare-wsproto` are `bench/bare_server.py` answering the same frames"
+            " with the least work (both still verify Ed25519 signatures). `bare` uses"
+            " trio-websocket's public API: a reader task, a one-slot queue and one write per"
+            " message. `bare-wsproto` drives wsproto directly and writes all replies produced"
+            " by one read at once; it is the ceiling for a server that, like the gateway,"
+            " drives wsproto itself. gateway/bare-wsproto is the share of that ceiling the"
+            " gateway reaches; for latencies a ratio above 1 means slower.",
             "- Idle memory and resident-at-start come from a fresh server per run: RSS read"
             f" {self.settings.settle:g} s after it listens, then the idle connections are"
             " opened and RSS is read again after they settle.",

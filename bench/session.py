@@ -221,8 +221,11 @@ async def _next_message(transport: MessageTransport, inbox: list[bytes | str]) -
     return inbox.pop(0)
 
 
-async def open_session(target: Target, nursery: trio.Nursery, label: str) -> Session:
-    """Open a socket and run the gateway handshake up to ``hello-ok``."""
+async def open_session(target: Target, nursery: trio.Nursery | None, label: str) -> Session:
+    """Open a socket and run the gateway handshake up to ``hello-ok``.
+
+    ``nursery`` is only needed (and then required) for the trio-websocket client.
+    """
     transport = await open_transport(
         target.client_kind, target.host, target.port, target.path, nursery
     )

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import random
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -78,19 +79,41 @@ class MessageTransport(Protocol):
 
 
 async def open_transport(
-    kind: str, host: str, port: int, path: str, nursery: trio.Nursery
+    kind: str, host: str, port: int, path: str, nursery: trio.Nursery | None
 ) -> MessageTransport:
     """Connect to ``ws://host:port/path`` with the client stack named by ``kind``.
 
-    ``nursery`` must outlive the transport: trio-websocket runs its reader task there.
+    trio-websocket needs ``nursery`` for its reader task, and it must outlive the transport;
+    the other kinds run no background task and take None.
     """
     if kind == "raw":
         return await RawWebSocket.connect(host, port, path)
     if kind == "wsproto":
         return await WsprotoWebSocket.connect(host, port, path)
     if kind == "trio-websocket":
+        if nursery is None:
+            raise ValueError("the trio-websocket client needs a nursery for its reader task")
         return await TrioWebSocket.connect(host, port, path, nursery)
     raise ValueError(f"unknown client kind {kind!r}; expected one of {CLIENT_KINDS}")
+
+
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """Open a TCP stream, skipping ``open_tcp_stream``'s happy-eyeballs machinery for an
+    IP literal: its nursery and tasks cost more per connection than the handshake itself.
+    """
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+    return await trio.open_tcp_stream(host, port)
 
 
 def _client_frame(opcode: int, payload: bytes) -> bytes:
@@ -135,7 +158,7 @@ class RawWebSocket:
     @classmethod
     async def connect(cls, host: str, port: int, path: str) -> RawWebSocket:
         """Open the TCP connection and perform the HTTP/1.1 upgrade."""
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await connect_tcp(host, port)
         try:
             key = base64.b64encode(os.urandom(16))
             request = (
@@ -310,7 +333,7 @@ class WsprotoWebSocket:
     @classmethod
     async def connect(cls, host: str, port: int, path: str) -> WsprotoWebSocket:
         """Open the TCP connection and let wsproto drive the upgrade."""
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await connect_tcp(host, port)
         try:
             client = cls(stream, WSConnection(ConnectionType.CLIENT))
             await stream.send_all(client._ws.send(Request(host=f"{host}:{port}", target=path)))

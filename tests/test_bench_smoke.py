@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+
+from kernel import Gateway
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 TOKEN = "bench-smoke-token"
@@ -91,27 +94,26 @@ def wsproto_bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ba
         yield server
 
 
+def loadgen_command(url: str, token: str, pid: int, *args: str) -> list[str]:
+    """The loadgen.py command line for one ``--json`` run against ``url``."""
+    command = [sys.executable, str(BENCH_DIR / "loadgen.py"), *args, "--url", url]
+    return [*command, f"--token={token}", "--server-pid", str(pid), "--json"]
+
+
 def run_loadgen(server: BareServer, *args: str) -> dict[str, Any]:
     """Run loadgen.py with ``--json``; return its single JSON object."""
-    command = [
-        sys.executable,
-        str(BENCH_DIR / "loadgen.py"),
-        *args,
-        "--url",
-        server.url,
-        "--token",
-        TOKEN,
-        "--server-pid",
-        str(server.pid),
-        "--json",
-    ]
     completed = subprocess.run(
-        command,
+        loadgen_command(server.url, TOKEN, server.pid, *args),
         capture_output=True,
         timeout=LOADGEN_TIMEOUT_S,
         check=False,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        env=LOADGEN_ENV,
     )
+    return parse_loadgen_output(completed)
+
+
+def parse_loadgen_output(completed: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    """The single JSON object of a finished loadgen run, which must have counted no error."""
     stdout = completed.stdout.decode()
     assert completed.returncode == 0, (
         f"loadgen exited {completed.returncode}\nstdout: {stdout}\n"
@@ -128,6 +130,7 @@ def run_loadgen(server: BareServer, *args: str) -> dict[str, Any]:
 
 
 TINY = ("--duration", "0.5", "--warmup", "0.1")
+LOADGEN_ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 @pytest.mark.parametrize("client", ["raw", "wsproto", "trio-websocket"])
@@ -209,5 +212,35 @@ def test_wsproto_stack_serves_every_mode(
         "fanout": "events",
         "idle": "connections_open",
     }[result["mode"]]
+    assert result[headline] > 0
+    assert result.get("seq_gaps", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("mode_args", "headline"),
+    [
+        (("rpc", "--connections", "2", "--inflight", "4"), "requests"),
+        (("handshakes", "--connections", "2", "--device"), "handshakes"),
+        (("fanout", "--connections", "3", "--inflight", "2", "--read-pause-ms", "1"), "events"),
+    ],
+    ids=["rpc", "handshakes-device", "fanout"],
+)
+async def test_every_mode_runs_clean_against_the_gateway(
+    gateway: Gateway, gateway_token: str, mode_args: tuple[str, ...], headline: str
+) -> None:
+    """The default scenarios work against the real gateway, not only the bare server.
+
+    The gateway runs in this test's trio loop and the generator in its own process, as in
+    run_all.py; fan-out must deliver the events its default emitter params announce.
+    """
+    url = f"ws://127.0.0.1:{gateway.port}"
+    command = loadgen_command(url, gateway_token, os.getpid(), *mode_args, *TINY)
+    with trio.fail_after(LOADGEN_TIMEOUT_S):
+        completed = await trio.run_process(
+            command, capture_stdout=True, capture_stderr=True, check=False, env=LOADGEN_ENV
+        )
+
+    result = parse_loadgen_output(completed)
+
     assert result[headline] > 0
     assert result.get("seq_gaps", 0) == 0

@@ -163,12 +163,14 @@ class ChatPlugin:
     @hookimpl
     def anima_methods(self) -> list[MethodSpec]:
         return [
+            # No idempotency_field: the kernel's cache would replay a refusal (a 503 for a
+            # missing key, a 400) to a corrected retry. The run itself, remembered by the
+            # jobs registry, is what a repeated key finds (A17: in_flight, then its end).
             MethodSpec(
                 "chat.send",
                 self.chat_send,
                 WRITE,
                 ChatSendParams,
-                idempotency_field="idempotency_key",
                 description="send a message to a session and start a run",
             ),
             MethodSpec("chat.history", self.chat_history, READ, ChatHistoryParams),
@@ -239,11 +241,16 @@ class ChatPlugin:
         sessions = services.lookup("sessions")
         models = services.lookup("models")
         provider = None
-        if model is None:
-            entry = await sessions.get(key)
-            if entry:
-                model = entry.get("model") or None
-                provider = entry.get("modelProvider") or None
+        entry = await sessions.get(key)
+        if entry and entry.get("sendPolicy") == "deny":
+            raise GatewayError(
+                403,
+                "send blocked by session policy",
+                details={"field": "sessionKey", "sendPolicy": "deny"},
+            )
+        if model is None and entry:
+            model = entry.get("model") or None
+            provider = entry.get("modelProvider") or None
         route = await models.route(provider=provider, model=model)
         stored = await sessions.append(key, {"role": "user", "text": text, "runId": run_id})
         run = Run(
@@ -286,12 +293,18 @@ class ChatPlugin:
         run_id = params.idempotency_key
         existing = await self._claim(services, "chat", run_id)
         if existing is not None:
-            # The kernel's idempotency cache answered repeats for five minutes; past that the
-            # job, remembered for ten, still knows the run.
+            # A repeat starts nothing: it learns how the run is doing while the jobs registry
+            # remembers it (ten minutes after its end).
             status = {"running": "in_flight", "cancelled": "aborted"}.get(
                 existing.state, existing.state
             )
-            return {"runId": run_id, "status": status}
+            route = existing.tags["run"].route
+            return {
+                "runId": run_id,
+                "status": status,
+                "provider": route["provider"],
+                "model": route["model"],
+            }
         try:
             run = await self._start(
                 services,

@@ -270,3 +270,59 @@ async def test_a_default_provider_that_is_not_installed_is_a_503(start_gateway, 
             await send(client, "c1")
         assert refused.value.code == 503
         assert "defaultProvider" in refused.value.message
+
+
+async def test_a_sessions_model_answers_its_runs(start_gateway, connect) -> None:
+    shouting = ShoutingPlugin()
+    async with (
+        start_gateway(plugins=chat_plugins(shouting=shouting), use_entry_points=False) as gw,
+        connect(gw) as admin,
+    ):
+        await send(admin, "before", "quiet")
+        assert (await run_events(admin, "before"))[-1]["payload"]["provider"] == "offline"
+        await admin.call("sessions.patch", {"key": SESSION, "model": "shout/shout-2"})
+        ack = await send(admin, "after", "now loud")
+        assert (ack["provider"], ack["model"]) == ("shout", "shout-2")
+        final = (await run_events(admin, "after"))[-1]["payload"]
+        assert (final["provider"], final["model"], final["text"]) == (
+            "shout",
+            "shout-2",
+            "NOW LOUD ",
+        )
+        # A model named in the request wins over the session's.
+        frames = await admin.request(
+            "agent",
+            {"message": "x", "idempotencyKey": "a1", "sessionKey": SESSION, "model": "offline/o"},
+            responses=2,
+        )
+        assert frames[1]["payload"]["result"]["provider"] == "offline"
+
+
+async def test_a_session_whose_send_policy_is_deny_takes_no_message(start_gateway, connect) -> None:
+    async with (
+        start_gateway(plugins=chat_plugins(), use_entry_points=False) as gw,
+        connect(gw) as admin,
+    ):
+        await send(admin, "r0", "allowed")
+        await run_events(admin, "r0")
+        await admin.call("sessions.patch", {"key": SESSION, "sendPolicy": "deny"})
+        with pytest.raises(GatewayError) as blocked:
+            await send(admin, "r1", "blocked")
+        assert blocked.value.code == 403
+        assert blocked.value.message == "send blocked by session policy"
+        assert blocked.value.details["field"] == "sessionKey"
+        with pytest.raises(GatewayError) as blocked_agent:
+            await admin.call(
+                "agent", {"message": "x", "idempotencyKey": "a1", "sessionKey": SESSION}
+            )
+        assert blocked_agent.value.code == 403
+        # Stopping is still allowed, and other sessions are not affected.
+        assert (await send(admin, "s1", "stop"))["ok"] is True
+        await send(admin, "o1", "elsewhere", session="agent:main:other")
+        await run_events(admin, "o1")
+        history = await admin.call("chat.history", {"sessionKey": SESSION})
+        assert [m["runId"] for m in history["messages"]] == ["r0", "r0"]
+
+        await admin.call("sessions.patch", {"key": SESSION, "sendPolicy": None})
+        await send(admin, "r1", "allowed again")
+        assert (await run_events(admin, "r1"))[-1]["event"] == "chat.run.completed"

@@ -86,6 +86,74 @@ async def test_a_run_streams_from_an_http_provider(start_gateway, connect, llm, 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_a_plain_client_gets_the_whole_run_from_an_http_provider(
+    start_gateway, connect, raw_connect, llm, kind
+) -> None:
+    path, reply = stream_route(kind)
+    llm.route("POST", path, reply)
+    config = provider_config(llm.base_url)
+    async with (
+        start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw,
+        connect(gw) as admin,
+    ):
+        await add_key(admin, kind, KEY_ONE)
+        async with raw_connect(gw, scopes=("operator.read", "operator.write")) as raw:
+            params = {"sessionKey": SESSION, "message": "Hello", "idempotencyKey": "h1"}
+            ack = await raw.call("s1", "chat.send", params)
+            assert ack["ok"] and ack["payload"]["runId"] == "h1", ack
+            with trio.fail_after(30):
+                await raw.event("chat.run.completed")
+            mine = [e for e in raw.events if (e.get("payload") or {}).get("runId") == "h1"]
+            assert names(mine) == [
+                "chat.run.started",
+                *["chat.delta"] * len(TEXTS),
+                "chat.run.completed",
+            ]
+            assert [e["payload"]["index"] for e in mine[1:-1]] == list(range(len(TEXTS)))
+            seqs = [e["seq"] for e in raw.events]
+            assert seqs == list(range(1, len(seqs) + 1))
+
+            history = await raw.call("h", "chat.history", {"sessionKey": SESSION})
+            assert [m["text"] for m in history["payload"]["messages"]] == [
+                "Hello",
+                "".join(TEXTS),
+            ]
+            again = await raw.call("s2", "chat.send", {**params, "message": "Hello?"})
+            assert again["ok"] and again["payload"]["runId"] == "h1"
+            assert again["payload"]["status"] == "ok"
+            assert len(llm.requests) == 1, "a repeated key must not ask the model again"
+
+            nul = await raw.call(
+                "s3", "chat.send", {**params, "idempotencyKey": "h2", "message": "\x00"}
+            )
+            assert nul["error"]["code"] == 400 and nul["error"]["details"] == {"field": "message"}
+            assert len(llm.requests) == 1
+
+
+async def test_a_manual_rotation_moves_the_next_run_to_the_next_key(
+    start_gateway, connect, llm
+) -> None:
+    path, reply = stream_route("openai")
+    llm.route("POST", path, reply)
+    config = provider_config(llm.base_url)
+    async with (
+        start_gateway(plugins=chat_plugins(), config=config, use_entry_points=False) as gw,
+        connect(gw) as client,
+    ):
+        await add_key(client, "openai", KEY_ONE)
+        second = await add_key(client, "openai", KEY_TWO)
+        await send(client, "r1")
+        await run_events(client, "r1")
+        rotated = await client.call("anima.providers.rotate", {"provider": "openai"})
+        assert rotated["activeKeyId"] == second
+        await send(client, "r2")
+        frames = await run_events(client, "r2")
+        assert frames[-1]["event"] == "chat.run.completed"
+        assert "chat.run.rotated" not in names(frames)
+        assert [auth_of(r) for r in llm.requests] == [KEY_ONE, KEY_TWO]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_abort_mid_stream_closes_the_upstream_stream(
     start_gateway, connect, llm, kind
 ) -> None:

@@ -216,6 +216,76 @@ async def test_chat_abort_by_run_and_by_session(start_gateway, connect) -> None:
         assert waited["aborted"] is True and waited["startedAt"] is None
 
 
+async def test_a_repeated_key_finds_its_run_and_a_refused_send_can_be_retried(
+    start_gateway, connect
+) -> None:
+    held = HeldPlugin()
+    async with (
+        start_gateway(
+            plugins=chat_plugins(held=held), config=HELD_CONFIG, use_entry_points=False
+        ) as gateway,
+        connect(gateway) as client,
+    ):
+        first = await send(client, "r1", "once")
+        assert first == {"runId": "r1", "status": "started", "provider": "held", "model": "held-1"}
+        with trio.fail_after(30):
+            await client.next_event("chat.delta")
+        repeat = await send(client, "r1", "once, again")
+        assert repeat == {**first, "status": "in_flight"}
+        held.provider.release.set()
+        frames = await run_events(client, "r1")
+        assert frames[-1]["event"] == "chat.run.completed"
+        assert (await send(client, "r1", "once"))["status"] == "ok"
+        history = await client.call("chat.history", {"sessionKey": SESSION})
+        assert [m["text"] for m in history["messages"] if m["role"] == "user"] == ["once"]
+
+        # Two sends of one key at the same moment start one run between them.
+        held.provider.release = trio.Event()
+        answers: list[str] = []
+
+        async def send_twin() -> None:
+            answers.append((await send(client, "twin", "twice at once"))["status"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_twin)
+            nursery.start_soon(send_twin)
+        assert sorted(answers) == ["in_flight", "started"]
+        held.provider.release.set()
+        await run_events(client, "twin")
+
+        # A refused send leaves nothing behind: the corrected retry with the same key runs,
+        # rather than being told the first refusal again.
+        with pytest.raises(GatewayError) as refused:
+            await send(client, "fixme", "bad\x00byte")
+        assert refused.value.code == 400
+        retried = await send(client, "fixme", "good text")
+        assert retried["status"] == "started"
+        assert (await run_events(client, "fixme"))[-1]["event"] == "chat.run.completed"
+        history = await client.call("chat.history", {"sessionKey": SESSION})
+        users = [m["text"] for m in history["messages"] if m["role"] == "user"]
+        assert users == ["once", "twice at once", "good text"]
+
+
+async def test_finished_runs_are_remembered_for_ten_minutes(
+    start_gateway, connect, mock_clock
+) -> None:
+    mock_clock.rate = 1.0  # real time passes, and jump() adds minutes at once
+    async with (
+        start_gateway(plugins=chat_plugins(), use_entry_points=False) as gateway,
+        connect(gateway) as client,
+    ):
+        await send(client, "r1", "remember this run")
+        await run_events(client, "r1")
+        mock_clock.jump(9 * 60 + 50)
+        waited = await client.call("agent.wait", {"runId": "r1", "timeoutMs": 0})
+        assert waited["status"] == "ok"
+        assert (await send(client, "r1", "again"))["status"] == "ok"
+        mock_clock.jump(20)
+        with pytest.raises(GatewayError) as forgotten:
+            await client.call("agent.wait", {"runId": "r1", "timeoutMs": 0})
+        assert forgotten.value.code == 404
+
+
 async def test_a_reader_sees_runs_but_may_not_start_one(start_gateway, connect) -> None:
     async with (
         start_gateway(plugins=chat_plugins(), use_entry_points=False) as gateway,

@@ -32,7 +32,9 @@ _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Host header names (port and brackets removed, lowercased) that a local client may use.
 LOCAL_HOSTNAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
-_FORWARDING_HEADERS = ("x-forwarded-for", "x-real-ip", "x-forwarded-host")
+#: Headers a proxy adds; any of them from a peer that is not a trusted proxy makes the
+#: connection remote. ``forwarded`` is RFC 7239's, sent by proxies configured the standard way.
+_FORWARDING_HEADERS = ("x-forwarded-for", "x-real-ip", "x-forwarded-host", "forwarded")
 _CLIENT_IP_HEADERS = ("x-forwarded-for", "x-real-ip")
 _MAPPED_PREFIX = ipaddress.IPv6Network("::ffff:0:0/96")
 

@@ -155,7 +155,9 @@ def test_peer_address_with_a_port_is_not_guessed_at() -> None:
 # -- forwarding headers from peers that are not trusted ------------------------------------
 
 
-@pytest.mark.parametrize("header", ["x-forwarded-for", "x-real-ip", "x-forwarded-host"])
+@pytest.mark.parametrize(
+    "header", ["x-forwarded-for", "x-real-ip", "x-forwarded-host", "forwarded"]
+)
 def test_forwarding_header_from_untrusted_peer_is_ignored_and_not_local(header: str) -> None:
     headers = {**LOCAL_HOST, header: "127.0.0.1"}
     client = resolve_client("127.0.0.1", headers, NO_PROXIES)
@@ -244,8 +246,14 @@ def test_trusted_proxy_reporting_a_loopback_client_is_local() -> None:
     )
 
 
-def test_trusted_proxy_forwarding_only_the_host_has_not_vouched_for_the_client() -> None:
-    headers = {**LOCAL_HOST, "x-forwarded-host": "localhost"}
+@pytest.mark.parametrize(
+    ("header", "value"), [("x-forwarded-host", "localhost"), ("forwarded", "for=127.0.0.1")]
+)
+def test_trusted_proxy_forwarding_only_the_host_has_not_vouched_for_the_client(
+    header: str, value: str
+) -> None:
+    # Only X-Forwarded-For and X-Real-IP name the client; RFC 7239's header is not read.
+    headers = {**LOCAL_HOST, header: value}
     client = resolve_client("127.0.0.1", headers, LOOPBACK_PROXY)
     assert client.ip == "127.0.0.1"
     assert client.via_trusted_proxy
@@ -290,7 +298,7 @@ header_values = st.one_of(st.text(max_size=40), st.ip_addresses().map(str))
 @given(
     peer=st.one_of(st.text(max_size=40), st.ip_addresses().map(str)),
     headers=st.dictionaries(
-        st.sampled_from(["host", "x-forwarded-for", "x-real-ip", "x-forwarded-host"]),
+        st.sampled_from(["host", "x-forwarded-for", "x-real-ip", "x-forwarded-host", "forwarded"]),
         header_values,
     ),
     trust_loopback=st.booleans(),

@@ -8,6 +8,8 @@ many. Unlike upstream this is on by default, with upstream's numbers: 10 failure
 The clock is trio's (``trio.current_time()``), so tests drive it with ``MockClock``. Memory
 is bounded: at most ``max_keys`` clients are tracked and the least recently failing one is
 forgotten first, so an attacker spraying addresses cannot grow the table without limit.
+Stale clients (failures aged out, lockout over) are dropped at most every
+``PRUNE_INTERVAL_MS`` as failures are recorded, so they do not crowd out live lockouts.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ import trio
 from kernel.locality import is_loopback, normalize_ip
 
 __all__ = [
+    "PRUNE_INTERVAL_MS",
     "AuthRateLimiter",
     "RateLimitStatus",
     "RateLimiterStatistics",
 ]
+
+
+#: How often, at most, recording a failure also drops stale clients (upstream: every 60 s).
+PRUNE_INTERVAL_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +83,9 @@ class AuthRateLimiter:
     :param window_ms: how far back failures count.
     :param lockout_ms: how long a lockout lasts; its end also clears the failure history.
     :param exempt_loopback: never limit loopback clients (the operator on the host must
-        always be able to get in).
+        always be able to get in). Each method's ``local`` says whether the connection is
+        local (PROTOCOL.md A7); a loopback address on a connection that is not (a proxy or
+        tunnel on this host relaying someone else) is not exempt.
     :param max_keys: how many clients are tracked at most.
     """
 
@@ -105,13 +114,15 @@ class AuthRateLimiter:
         # Ordered from least to most recently failing, which is the eviction order.
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._evicted = 0
+        # Built outside trio too (config checks), so the first failure starts the interval.
+        self._pruned_at_ms: float | None = None
 
     def _key(self, scope: str, ip: str | None) -> str:
         address = normalize_ip(ip) if ip else ""
         return f"{scope}:{address or 'unknown'}"
 
-    def _is_exempt(self, ip: str | None) -> bool:
-        return self.exempt_loopback and ip is not None and is_loopback(ip)
+    def _is_exempt(self, ip: str | None, local: bool) -> bool:
+        return self.exempt_loopback and local and ip is not None and is_loopback(ip)
 
     def _forget_old_failures(self, entry: _Entry, now_ms: float) -> None:
         window_start = now_ms - self.window_ms
@@ -124,12 +135,12 @@ class AuthRateLimiter:
         self._forget_old_failures(entry, now_ms)
         return not entry.failures_ms
 
-    def check(self, scope: str, ip: str | None) -> RateLimitStatus:
+    def check(self, scope: str, ip: str | None, *, local: bool = True) -> RateLimitStatus:
         """Say whether ``ip`` may attempt authentication in ``scope`` now.
 
         Does not count as an attempt; only :meth:`record_failure` does.
         """
-        if self._is_exempt(ip):
+        if self._is_exempt(ip, local):
             return RateLimitStatus(allowed=True)
         key = self._key(scope, ip)
         entry = self._entries.get(key)
@@ -142,16 +153,20 @@ class AuthRateLimiter:
         retry_after_ms = max(1, math.ceil(entry.locked_until_ms - now_ms))
         return RateLimitStatus(allowed=False, retry_after_ms=retry_after_ms)
 
-    def record_failure(self, scope: str, ip: str | None) -> None:
+    def record_failure(self, scope: str, ip: str | None, *, local: bool = True) -> None:
         """Count one failed attempt; lock the client out once the window holds too many.
 
         Failures while locked out are not counted, so hammering a locked client does not
         extend its lockout.
         """
-        if self._is_exempt(ip):
+        if self._is_exempt(ip, local):
             return
         key = self._key(scope, ip)
         now_ms = _now_ms()
+        if self._pruned_at_ms is None:
+            self._pruned_at_ms = now_ms
+        elif now_ms - self._pruned_at_ms >= PRUNE_INTERVAL_MS:
+            self.prune()
         entry = self._entries.get(key)
         if entry is None:
             entry = self._insert(key)
@@ -174,9 +189,11 @@ class AuthRateLimiter:
     def prune(self) -> int:
         """Drop clients whose failures have aged out or whose lockout has ended.
 
-        Meant to run periodically (upstream: every 60 s); returns how many were dropped.
+        Runs by itself when a failure is recorded at least ``PRUNE_INTERVAL_MS`` after the
+        last run (upstream prunes every 60 s); returns how many were dropped.
         """
         now_ms = _now_ms()
+        self._pruned_at_ms = now_ms
         stale = [key for key, entry in self._entries.items() if self._is_stale(entry, now_ms)]
         for key in stale:
             del self._entries[key]

@@ -164,6 +164,21 @@ async def test_loopback_exemption_can_be_turned_off(mock_clock: trio.testing.Moc
     assert not limiter.check(SHARED, "127.0.0.1").allowed
 
 
+@pytest.mark.parametrize("loopback_ip", ["127.0.0.1", "::1"])
+async def test_loopback_relaying_someone_else_is_not_exempt(
+    mock_clock: trio.testing.MockClock, loopback_ip: str
+) -> None:
+    # A proxy or tunnel on this host: the peer is loopback, the connection is not local.
+    limiter = AuthRateLimiter()
+    for _ in range(10):
+        limiter.record_failure(SHARED, loopback_ip, local=False)
+    status = limiter.check(SHARED, loopback_ip, local=False)
+    assert status == RateLimitStatus(allowed=False, retry_after_ms=300_000)
+    assert limiter.check(SHARED, loopback_ip).allowed  # the operator on the host still can
+    fail(limiter, 10, ip="203.0.113.9")  # and local=True changes nothing for other addresses
+    assert not limiter.check(SHARED, "203.0.113.9").allowed
+
+
 async def test_custom_limits(mock_clock: trio.testing.MockClock) -> None:
     limiter = AuthRateLimiter(max_attempts=2, window_ms=1_000, lockout_ms=5_000)
     fail(limiter, 1)
@@ -222,6 +237,29 @@ async def test_prune_drops_only_stale_clients(mock_clock: trio.testing.MockClock
     assert limiter.prune() == 2
     assert limiter.statistics() == RateLimiterStatistics(
         tracked_keys=0, locked_keys=0, evicted_keys=0, max_keys=10_000
+    )
+
+
+async def test_stale_clients_are_pruned_as_new_failures_arrive(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    limiter = AuthRateLimiter()
+    fail(limiter, 1, ip="198.51.100.1")  # ages out at t=60 s
+    fail(limiter, 10, ip="198.51.100.2")  # locked until t=300 s
+    mock_clock.jump(59)
+    fail(limiter, 1, ip="198.51.100.3")  # under a minute since the last prune: none
+    assert limiter.statistics().tracked_keys == 3
+    mock_clock.jump(1)
+    fail(limiter, 1, ip="198.51.100.4")  # a minute on: .1 is dropped, the lockout kept
+    assert limiter.statistics().tracked_keys == 3
+    assert not limiter.check(SHARED, "198.51.100.2").allowed
+    mock_clock.jump(59)
+    fail(limiter, 1, ip="198.51.100.5")  # .3 aged out, but the last prune was 59 s ago
+    assert limiter.statistics().tracked_keys == 4
+    mock_clock.jump(241)
+    fail(limiter, 1, ip="198.51.100.6")  # t=360 s: all but the newest are stale
+    assert limiter.statistics() == RateLimiterStatistics(
+        tracked_keys=1, locked_keys=0, evicted_keys=0, max_keys=10_000
     )
 
 

@@ -280,9 +280,7 @@ class SessionsPlugin:
             ts=call.services.clock.now_ms(),
             store="sqlite",
             count=len(rows),
-            # TODO(no provider service yet): fill defaults from the providers plugin's default
-            # model once it offers one through services.provide; null until then.
-            defaults={"modelProvider": None, "model": None, "contextTokens": None},
+            defaults=_model_defaults(call.services),
             sessions=rows,
             next_cursor=next_cursor,
         )
@@ -494,6 +492,24 @@ class SessionsPlugin:
             "sessions.changed",
             {"key": key, "action": action, "ts": call.services.clock.now_ms(), **extra},
         )
+
+
+def _model_defaults(services: Services) -> dict[str, Any]:
+    """What a run in a session without a ``model`` gets, from the ``models`` service.
+
+    Null when no plugin provides that service (the providers plugin is disabled).
+    """
+    defaults: dict[str, Any] = {"modelProvider": None, "model": None, "contextTokens": None}
+    models = services.lookup_optional("models")
+    if models is None:
+        return defaults
+    try:
+        provider, _reason = models.default_choice()
+        defaults.update(modelProvider=provider, model=models.default_model(provider))
+    except Exception:
+        # A replacement models service may lack these; the listing matters more.
+        logger.exception("sessions.list: the models service gave no defaults")
+    return defaults
 
 
 def _attr(wire_name: str) -> str:

@@ -15,6 +15,7 @@ from fake_llm_server import Reply, anthropic_events, json_reply, openai_chunks
 from kernel import GatewayError
 from plugins.chat import ChatPlugin
 from plugins.providers import ProvidersPlugin
+from plugins.providers.backends.offline import OFFLINE_MODEL_ID
 from plugins.sessions import SessionsPlugin
 
 KEY = "sk-models-test-0123456789abcdefgh"
@@ -288,3 +289,21 @@ async def test_a_config_change_rebuilds_the_provider_it_touches(
         await gw.services.config.replace(raw)
         assert (await run_to_end(client, "r2"))["payload"]["text"] == "second"
         assert providers.all_providers()["anthropic"] is anthropic_before
+
+
+async def test_sessions_list_names_the_default_model(start_gateway, connect, llm_server) -> None:
+    config = config_for(llm_server.base_url)
+    async with (
+        start_gateway(plugins=plugins(), config=config, use_entry_points=False) as gw,
+        connect(gw) as admin,
+    ):
+        listing = await admin.call("sessions.list", {})
+        assert listing["defaults"] == {
+            "modelProvider": "offline",
+            "model": OFFLINE_MODEL_ID,
+            "contextTokens": None,
+        }
+        await admin.call("anima.providers.set", {"provider": "openai", "apiKey": KEY})
+        listing = await admin.call("sessions.list", {})
+        assert listing["defaults"]["modelProvider"] == "openai"
+        assert listing["defaults"]["model"] == "gpt-test"

@@ -8,6 +8,10 @@ the median with the min-max spread, the gateway/bare ratio, and the product goal
 met or not met. The idle-memory scenario starts a fresh server for every run, which also
 yields the resident memory at start.
 
+Then, for the record of the speed work, it measures the gateway of each commit that changed
+speed (checked out in a temporary git worktree, one run each) and profiles the gateway
+before and after that work under the 16x8 load with cProfile.
+
 Every subprocess is stopped in ``finally``; every loop is bounded in count and every
 subprocess wait in time; all traffic goes to 127.0.0.1.
 
@@ -27,6 +31,7 @@ import resource
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -38,6 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from profiling import (
+    BEFORE_SPEED_WORK,
+    SPEED_COMMITS,
+    ProfileRow,
+    Revision,
+    checkout,
+    describe,
+    runner_command,
+    top_functions,
+)
 from wsclient import CLIENT_KINDS
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -60,6 +75,9 @@ QUIET_MACHINE_SHARE = 0.25
 QUIET_MACHINE_PCT = 10.0
 SHARED_MACHINE_PCT = 50.0
 QUIET_WAIT_LIMIT_S = 5.0
+HISTORY_SCENARIOS = ("idle", "rpc-1x1", "rpc-16x8", "rpc-64x8", "handshakes-device")
+PROFILE_SCENARIO = "rpc-16x8"
+PROFILE_TOP = 15
 PACKAGES = ("trio", "trio-websocket", "wsproto", "msgspec", "cryptography")
 
 
@@ -93,6 +111,9 @@ class Settings:
     quick: bool
     output: Path
     skip_gateway: bool
+    history: tuple[str, ...]
+    profile_before: str | None
+    profile: bool
 
 
 @dataclass
@@ -100,6 +121,27 @@ class RunOutcome:
     """One loadgen run: its JSON result, or why there is none."""
 
     result: dict[str, Any] | None
+    failure: str | None = None
+
+
+@dataclass
+class RevisionRun:
+    """One commit's gateway, measured once per history scenario."""
+
+    revision: Revision
+    outcomes: dict[str, RunOutcome]
+    start_rss_kib: int | None = None
+    failure: str | None = None
+
+
+@dataclass
+class ProfileRun:
+    """The gateway of one tree under cProfile while the 16x8 load ran."""
+
+    label: str
+    outcome: RunOutcome | None = None
+    total_s: float = 0.0
+    rows: list[ProfileRow] | None = None
     failure: str | None = None
 
 
@@ -262,16 +304,33 @@ def gateway_script() -> Path | None:
     return Path(found) if found else None
 
 
-def start_gateway(cpu: int | None, token: str, state_root: Path, log_dir: Path) -> ServerProcess:
-    """Start ``anima-gateway run`` with a fresh state directory and wait until it listens."""
-    script = gateway_script()
-    if script is None:
-        raise ServerUnavailable("the `anima-gateway` console script is not installed")
+def start_gateway(
+    cpu: int | None,
+    token: str,
+    state_root: Path,
+    log_dir: Path,
+    *,
+    tree: Path | None = None,
+    profile_to: Path | None = None,
+) -> ServerProcess:
+    """Start the gateway with a fresh state directory and wait until it listens.
+
+    By default this is the installed ``anima-gateway run``; with ``tree`` (a checkout of
+    another commit) or ``profile_to`` (a cProfile dump written at exit) it is that tree's
+    gateway, started through ``gateway_runner.py``.
+    """
     state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=state_root))
     port = _free_port()
     env = {**os.environ, "ANIMA_STATE_DIR": str(state_dir), "ANIMA_GATEWAY_TOKEN": token}
     log_path = log_dir / f"gateway-{time.monotonic_ns()}.log"
-    command = [str(script), "run", "--host", HOST, "--port", str(port)]
+    gateway_args = ["run", "--host", HOST, "--port", str(port)]
+    if tree is None and profile_to is None:
+        script = gateway_script()
+        if script is None:
+            raise ServerUnavailable("the `anima-gateway` console script is not installed")
+        command = [str(script), *gateway_args]
+    else:
+        command = [sys.executable, *runner_command(tree or REPO_DIR, profile_to, gateway_args)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
@@ -421,6 +480,9 @@ class Bench:
         self._servers: dict[str, ServerProcess] = {}
         self._long_lived_starts: dict[str, int] = dict.fromkeys(TARGETS, 0)
         self._all_started: list[ServerProcess] = []
+        self.history: list[RevisionRun] = []
+        self.profiles: list[ProfileRun] = []
+        self._workdir = workdir
 
     def _start(self, target: str) -> ServerProcess:
         if target in BARE_STACKS:
@@ -495,6 +557,105 @@ class Bench:
             self._record(scenario, target, outcome)
         finally:
             server.stop()
+
+    def measure_history(self) -> None:
+        """Each commit of ``settings.history`` once per history scenario, then this tree."""
+        chosen = [s for s in scenarios(self.settings) if s.key in HISTORY_SCENARIOS]
+        print("what each change gave", flush=True)
+        for rev in self.settings.history:
+            try:
+                revision = describe(rev)
+            except ValueError as exc:
+                self.notes.append(f"history: {exc}; left out")
+                continue
+            with checkout(rev) as tree:
+                self.history.append(self._measure_tree(revision, tree, chosen))
+        current = Revision("HEAD", _git_revision(), "this tree, as measured above")
+        self.history.append(self._measure_tree(current, REPO_DIR, chosen))
+
+    def _measure_tree(self, revision: Revision, tree: Path, chosen: list[Scenario]) -> RevisionRun:
+        run = RevisionRun(revision, {})
+        server = None
+        try:
+            for scenario in chosen:
+                fresh = scenario.fresh_server or server is None
+                if fresh:
+                    server = self._start_from(tree)
+                self._settle_servers(scenario)
+                if scenario.fresh_server:
+                    time.sleep(self.settings.settle)
+                    run.start_rss_kib = read_rss_kib(server.pid)
+                outcome = run_loadgen(
+                    scenario, server, self.settings, self.token, self.generator_cpu
+                )
+                run.outcomes[scenario.key] = outcome
+                self._record(scenario, f"{GATEWAY}@{revision.short}", outcome)
+                if scenario.fresh_server:
+                    server.stop()
+                    server = None
+        except ServerUnavailable as exc:
+            run.failure = str(exc)
+            print(f"  {revision.short} unavailable: {exc}", flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+        return run
+
+    def _start_from(self, tree: Path, profile_to: Path | None = None) -> ServerProcess:
+        server = start_gateway(
+            self.server_cpu,
+            self.token,
+            self.state_root,
+            self.log_dir,
+            tree=tree,
+            profile_to=profile_to,
+        )
+        self._all_started.append(server)
+        return server
+
+    def profile_before_and_after(self) -> None:
+        """cProfile of the gateway under the 16x8 load: before the speed work and now."""
+        print("profiles", flush=True)
+        before = self.settings.profile_before
+        if before is not None:
+            try:
+                revision = describe(before)
+            except ValueError as exc:
+                self.notes.append(f"profile: {exc}; no before profile")
+            else:
+                label = f"Before: `{revision.short}` {revision.subject}"
+                with checkout(before) as tree:
+                    self.profiles.append(self._profile(label, tree))
+        label = f"After: this tree (`{_git_revision()}`)"
+        self.profiles.append(self._profile(label, REPO_DIR))
+
+    def _profile(self, label: str, tree: Path) -> ProfileRun:
+        run = ProfileRun(label)
+        scenario = next(s for s in scenarios(self.settings) if s.key == PROFILE_SCENARIO)
+        dump = self._workdir / f"profile-{time.monotonic_ns()}.prof"
+        try:
+            server = self._start_from(tree, profile_to=dump)
+        except ServerUnavailable as exc:
+            run.failure = str(exc)
+            return run
+        try:
+            self._settle_servers(scenario)
+            # The runner profiles only between these signals: the load, not start or stop.
+            os.kill(server.pid, signal.SIGUSR1)
+            run.outcome = run_loadgen(
+                scenario, server, self.settings, self.token, self.generator_cpu
+            )
+            os.kill(server.pid, signal.SIGUSR2)
+        finally:
+            # SIGTERM: the gateway shuts down and the runner writes the profile on its way out.
+            server.stop()
+        if not dump.exists():
+            run.failure = f"no profile written (exit code {server.process.returncode})"
+            return run
+        run.total_s, run.rows = top_functions(dump, PROFILE_TOP, tree)
+        if run.outcome.result is not None:
+            print(f"  {label}: {headline('rpc', run.outcome.result)}", flush=True)
+        return run
 
     def _settle_servers(self, scenario: Scenario) -> None:
         running = [server for server in self._all_started if server.alive()]
@@ -674,6 +835,8 @@ class Report:
             self._header(),
             self._goals(),
             *self._sections(),
+            self._history(),
+            self._profiles(),
             self._busy(),
             self._errors(),
             self._notes(),
@@ -780,6 +943,79 @@ class Report:
                 rows.append(f"| {metric.label} | " + " | ".join(cells) + " |")
             rendered.append("\n".join(rows))
         return rendered
+
+    def _history(self) -> str:
+        if not self.bench.history:
+            return ""
+        rows = [
+            "## What each change gave",
+            "",
+            "The gateway of each commit that changed speed or memory, oldest first, checked out"
+            " in a git worktree and measured once per scenario right after the runs above,"
+            " with the same settings; the last row is this tree again, measured the same way."
+            " One run each, so read a difference smaller than the spreads above as noise.",
+            "",
+            "| commit | change | 1x1 rps | 1x1 p99 ms | 16x8 rps | 64x8 rps"
+            " | Ed25519 handshakes/s | KiB per idle connection | resident at start, MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        figures = [
+            ("rpc-1x1", ("rps",), "count"),
+            ("rpc-1x1", ("latency_ms", "p99"), "ms"),
+            ("rpc-16x8", ("rps",), "count"),
+            ("rpc-64x8", ("rps",), "count"),
+            ("handshakes-device", ("handshakes_per_s",), "count"),
+            ("idle", ("kib_per_connection",), "size"),
+        ]
+        for run in self.bench.history:
+            cells = []
+            for scenario_key, path, style in figures:
+                outcome = run.outcomes.get(scenario_key)
+                result = outcome.result if outcome is not None else None
+                cells.append(_format(_key(*path)(result) if result else None, style))
+            rss = run.start_rss_kib
+            cells.append(_format(rss / 1024 if rss is not None else None, "size"))
+            subject = run.failure or run.revision.subject
+            subject = subject if len(subject) <= 90 else subject[:87] + "..."
+            rows.append(
+                f"| `{run.revision.short}` | {subject.replace('|', '/')} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        return "\n".join(rows)
+
+    def _profiles(self) -> str:
+        if not self.bench.profiles:
+            return ""
+        rows = [
+            "## Profile at 16x8, before and after the speed work",
+            "",
+            "cProfile of the gateway process while the generator ran rpc 16x8 for"
+            f" {self.settings.duration:g} s (after {self.settings.warmup:g} s warm-up), recorded"
+            f" from the generator's start to its end; the {PROFILE_TOP} functions with the most"
+            " own time, and their share of the profiled time. The profiler slows every Python"
+            " call, so compare where the time goes, not the request rates.",
+        ]
+        for run in self.bench.profiles:
+            rows += ["", f"### {run.label}", ""]
+            if run.failure is not None or run.rows is None:
+                rows.append(f"No profile: {run.failure}")
+                continue
+            result = run.outcome.result if run.outcome is not None else None
+            rate = _format(result["rps"], "count") if result else "n/a"
+            rows += [
+                f"{rate} requests/s under the profiler; {run.total_s:.2f} s of profiled time.",
+                "",
+                "| own s | share | calls | cumulative s | function |",
+                "|---|---|---|---|---|",
+            ]
+            for row in run.rows:
+                share = row.own_s / run.total_s if run.total_s else 0.0
+                rows.append(
+                    f"| {row.own_s:.3f} | {share:.1%} | {row.calls:,} | {row.cumulative_s:.3f}"
+                    f" | `{row.function}` |"
+                )
+        return "\n".join(rows)
 
     def _busy(self) -> str:
         rows = [
@@ -972,6 +1208,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
     parser.add_argument("--skip-gateway", action="store_true", help="measure the bare server only")
     parser.add_argument(
+        "--history",
+        nargs="*",
+        default=list(SPEED_COMMITS),
+        metavar="REV",
+        help="commits to measure once each for 'what each change gave' (none: skip)",
+    )
+    parser.add_argument(
+        "--profile-before",
+        default=BEFORE_SPEED_WORK,
+        metavar="REV",
+        help=f"commit profiled as 'before' (default {BEFORE_SPEED_WORK})",
+    )
+    parser.add_argument("--no-profile", action="store_true", help="skip both profiles")
+    parser.add_argument(
         "--output", type=Path, default=BENCH_DIR / "RESULTS.md", help="default bench/RESULTS.md"
     )
     args = parser.parse_args(argv)
@@ -992,6 +1242,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         quick=quick,
         output=args.output,
         skip_gateway=args.skip_gateway,
+        history=() if args.skip_gateway else tuple(args.history),
+        profile_before=args.profile_before,
+        profile=not (args.no_profile or args.skip_gateway),
     )
     if settings.runs < 1 or settings.runs > 50:
         parser.error("--runs must be between 1 and 50")
@@ -1013,6 +1266,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for scenario in scenarios(settings):
                 bench.run_scenario(scenario)
+            if settings.history:
+                bench.measure_history()
+            if settings.profile:
+                bench.profile_before_and_after()
         finally:
             bench.close()
         report = Report(bench, command, started).render()

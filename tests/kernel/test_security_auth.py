@@ -84,6 +84,8 @@ async def test_rate_limiting_is_on_by_default_with_upstreams_numbers(
         ('[gateway.auth]\nmode = "trusted-proxy"\n', "trustedProxies"),
         ('[gateway]\ntrustedProxies = ["10.0.0.0/33"]\n', "10.0.0.0/33"),
         ('[gateway]\nhost = "::"\n[gateway.auth]\nmode = "none"\n', "only on loopback"),
+        ("[gateway.auth.rateLimit]\nmaxAttempts = 0\n", "gateway.auth.rateLimit.maxAttempts"),
+        ("[gateway.auth.rateLimit]\nlockoutMs = -1\n", "gateway.auth.rateLimit.lockoutMs"),
     ],
 )
 async def test_unsafe_or_incomplete_auth_settings_stop_start_up(

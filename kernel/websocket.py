@@ -75,6 +75,14 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+def _wire_size(data: str | bytes) -> int:
+    """How many bytes ``data`` took on the wire: text arrives decoded, but the limit is on
+    its UTF-8 bytes, which outnumber its characters as soon as one is not ASCII."""
+    if isinstance(data, bytes) or data.isascii():  # isascii() is O(1) on CPython's str
+        return len(data)
+    return len(data.encode())
+
+
 class ServerWebSocket:
     """One accepted TCP stream, through the upgrade and then as a WebSocket.
 
@@ -170,7 +178,7 @@ class ServerWebSocket:
         try:
             for event in self._ws.events():
                 if isinstance(event, TextMessage | BytesMessage):
-                    self._size += len(event.data)
+                    self._size += _wire_size(event.data)
                     if self._size > self._max_message_size:
                         await self.aclose(_TOO_BIG, f"message over {self._max_message_size} bytes")
                         raise WebSocketClosed(_TOO_BIG, "message too big")

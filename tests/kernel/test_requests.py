@@ -6,6 +6,7 @@ connection, the payload limit (close 1009) and the per-connection bound on reque
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -226,6 +227,20 @@ async def test_junk_gets_400_when_its_id_is_readable_and_the_connection_stays(ga
         assert response["error"]["reason"] == "INVALID_REQUEST"
 
 
+async def test_junk_without_a_readable_id_is_logged(gateway, raw_connect, caplog):
+    caplog.set_level(logging.INFO, logger="kernel.connection")
+    async with raw_connect(gateway) as raw:
+        conn_id = raw.hello["server"]["connId"]
+        await raw.send_text("this is not json")
+        await raw.send_text('{"type": "req", "method": "health"}')
+        # Answered in order: by the time health is, both junk frames were dealt with.
+        assert (await raw.call("h", "health"))["ok"] is True
+    assert set(raw.responses) == {"h"}
+    dropped = [r.getMessage() for r in caplog.records if "unreadable frame" in r.getMessage()]
+    assert len(dropped) == 2
+    assert all(conn_id in line for line in dropped)
+
+
 # -- payload limit --------------------------------------------------------------------------
 
 
@@ -242,3 +257,43 @@ async def test_frame_over_max_payload_closes_1009(start_gateway, raw_connect, pl
         # Only that client went away.
         async with raw_connect(gateway, scopes=[READ]) as other:
             assert (await other.call("h", "req.fast"))["ok"] is True
+
+
+async def test_max_payload_counts_utf8_bytes_not_characters(start_gateway, raw_connect, plugin):
+    config = {"gateway": {"limits": {"maxPayload": 64 * 1024}}}
+    async with (
+        start_gateway(plugins={"req": plugin}, config=config) as gateway,
+        raw_connect(gateway, scopes=[READ]) as raw,
+    ):
+        # 30 000 two-byte characters: 60 000 bytes, under the limit.
+        await raw.send_text(json.dumps(_echo_frame("under", "é" * 30_000), ensure_ascii=False))
+        assert (await raw.response("under"))["payload"] == {"length": 30_000}
+        # 40 000 characters are fewer than 65 536, but their 80 000 bytes are not.
+        await raw.send_text(json.dumps(_echo_frame("over", "é" * 40_000), ensure_ascii=False))
+        with trio.fail_after(10):
+            closed = await raw.closed()
+        assert closed.code == 1009
+        assert "over" not in raw.responses
+
+
+async def test_default_max_payload_is_8_mib(start_gateway, raw_connect, plugin):
+    async with (
+        start_gateway(plugins={"req": plugin}, use_entry_points=False) as gateway,
+        raw_connect(gateway, scopes=[READ]) as raw,
+    ):
+        assert raw.hello["policy"]["maxPayload"] == 8 * 1024 * 1024
+        envelope = len(json.dumps(_echo_frame("at", "")))
+        text = "x" * (8 * 1024 * 1024 - envelope)
+        # Exactly 8 MiB is allowed...
+        at_limit = await raw.call("at", "req.echo", {"text": text})
+        assert at_limit["payload"] == {"length": len(text)}
+        # ...a few bytes more are not.
+        await raw.send(_echo_frame("over", text + "x"))
+        with trio.fail_after(10):
+            closed = await raw.closed()
+        assert closed.code == 1009
+        assert "over" not in raw.responses
+
+
+def _echo_frame(request_id: str, text: str) -> dict:
+    return {"type": "req", "id": request_id, "method": "req.echo", "params": {"text": text}}

@@ -121,14 +121,17 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"anima-gateway: cannot start: {exc}", file=sys.stderr)
         return 2
 
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(gateway.serve)
-        except (GatewayStartupError, OSError) as exc:
-            print(f"anima-gateway: cannot start: {exc}", file=sys.stderr)
-            return 2
-        _print_first_screen(gateway)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Signals are caught from before start-up: one arriving while the gateway starts, or
+    # just after its first screen, still means a graceful stop rather than a traceback
+    # (SIGINT) or an abrupt death (SIGTERM).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(gateway.serve)
+            except (GatewayStartupError, OSError) as exc:
+                print(f"anima-gateway: cannot start: {exc}", file=sys.stderr)
+                return 2
+            _print_first_screen(gateway)
             async for received in signals:
                 logger.info("signal %s: shutting down", signal.Signals(received).name)
                 gateway.request_shutdown()

@@ -154,7 +154,13 @@ class Gateway:
 
     @property
     def config(self) -> LoadedConfig:
-        return self.services.config.current
+        """The config in force: once serving, the services' (it may be replaced); after
+        ``prepare`` alone, the one validated at start-up with the overrides applied."""
+        services = getattr(self, "services", None)
+        if services is not None:
+            return services.config.current
+        assert self._manager is not None, "prepare() first"
+        return self._loaded
 
     @property
     def manager(self) -> pluggy.PluginManager:

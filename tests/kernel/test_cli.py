@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 from contextlib import asynccontextmanager
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import trio
 
-from kernel import open_client
+from kernel import Gateway, open_client
+from kernel.cli import DEFAULT_URL
 
 TOKEN = "cli-test-token"
 _script = Path(sys.executable).with_name("anima-gateway")
@@ -145,16 +147,42 @@ async def test_generated_token_is_named_on_the_first_screen_and_found_by_call(st
         assert health.returncode == 0, health.stderr
 
 
-async def test_sigterm_stops_run_cleanly_after_telling_clients(state_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_stops_run_cleanly_after_telling_clients(state_dir, signum):
     async with run_gateway(state_dir) as gateway:
         async with open_client(gateway.url, token=TOKEN) as client:
-            gateway.process.send_signal(signal.SIGTERM)
+            gateway.process.send_signal(signum)
             with trio.fail_after(15):
                 shutdown = await client.next_event("shutdown")
                 assert shutdown["payload"]["reason"]
                 code = await gateway.process.wait()
         assert code == 0
         assert client.ws.closed is not None and client.ws.closed.code == 1012
+
+
+async def test_run_takes_its_config_file_and_host_from_the_command_line(state_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text('[gateway]\nhost = "192.0.2.1"\n[gateway.limits]\ntickIntervalMs = 4321\n')
+    # The file's host is one this machine does not have: --host must win for run to start.
+    async with run_gateway(state_dir, "--config", str(elsewhere), "--host", "127.0.0.1") as gateway:
+        assert gateway.url.startswith("ws://127.0.0.1:")
+        assert f"config:   {elsewhere}" in gateway.screen
+        async with open_client(gateway.url, token=TOKEN) as client:
+            assert client.hello["policy"]["tickIntervalMs"] == 4321
+
+
+def test_run_defaults_to_loopback_port_18789_and_call_to_match(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANIMA_STATE_DIR", str(tmp_path))
+    gateway = Gateway()
+    gateway.prepare()
+    assert (gateway.config.gateway.host, gateway.config.gateway.port) == ("127.0.0.1", 18789)
+    limits = gateway.config.gateway.limits
+    assert (limits.max_payload, limits.max_buffered_bytes, limits.tick_interval_ms) == (
+        8 * 1024 * 1024,
+        16 * 1024 * 1024,
+        30_000,
+    )
+    assert DEFAULT_URL == "ws://127.0.0.1:18789"
 
 
 async def test_run_with_a_bad_config_exits_naming_the_key(state_dir):
@@ -183,7 +211,7 @@ async def test_plugins_lists_health_with_its_methods(state_dir):
     lines = result.stdout.decode().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("health "))
     header, methods, events = lines[start : start + 3]
-    assert header.startswith("health ") and header.endswith("(enabled)")
+    assert header == f"health {metadata.version('anima-gateway')} (enabled)"
     for method in ("health", "status", "last-heartbeat", "system-presence", "set-heartbeats"):
         assert method in methods
     assert methods.lstrip().startswith("methods:")

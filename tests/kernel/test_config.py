@@ -117,6 +117,14 @@ def test_state_dir_defaults_to_anima_state_dir(monkeypatch, tmp_path):
     assert gateway.config_path == tmp_path / "config.toml"
 
 
+def test_state_dir_defaults_to_dot_anima_in_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("ANIMA_STATE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    gateway = Gateway()
+    assert gateway.state_dir == tmp_path / ".anima"
+    assert gateway.config_path == tmp_path / ".anima" / "config.toml"
+
+
 # -- services.config.replace ----------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ its own, and the built-in health plugin through the ``anima.plugins`` entry-poin
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Annotated
 
 import msgspec
@@ -21,6 +22,7 @@ from kernel import (
     MethodSpec,
     hookimpl,
 )
+from kernel.plugins import ENTRY_POINT_GROUP
 
 pytestmark = pytest.mark.usefixtures("gateway_token")
 
@@ -145,6 +147,33 @@ async def test_disabled_plugin_is_not_loaded_and_its_methods_are_404(start_gatew
             response = await raw.call("h", "health")
             assert "health" not in raw.hello["features"]["methods"]
     assert response["error"]["code"] == 404
+
+
+def _with_entry_point(monkeypatch, name: str, value: str) -> None:
+    """Add an entry point to the ``anima.plugins`` group, as an installed distribution would."""
+    installed = metadata.entry_points
+    extra = metadata.EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
+
+    def entry_points(**selection):
+        found = list(installed(**selection))
+        return [*found, extra] if selection.get("group") == ENTRY_POINT_GROUP else found
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+
+
+def test_enabled_false_blocks_a_plugin_before_it_is_imported(state_dir, monkeypatch):
+    # Importing this entry point fails, so it can only be "disabled" if never imported.
+    _with_entry_point(monkeypatch, "ghost", "no_such_module_for_anima_tests:Plugin")
+    loaded = _prepared(state_dir)
+    assert _info(loaded, "ghost").state == "failed"
+    assert "no_such_module_for_anima_tests" in _info(loaded, "ghost").error
+
+    (state_dir / "config.toml").write_text("[plugins.ghost]\nenabled = false\n")
+    blocked = _prepared(state_dir)
+    info = _info(blocked, "ghost")
+    assert (info.state, info.enabled, info.error) == ("disabled", False, None)
+    assert blocked.manager.is_blocked("ghost")
+    assert _info(blocked, "health").state == "loaded"
 
 
 def test_a_plugin_named_like_an_installed_one_is_refused(state_dir):

@@ -113,6 +113,7 @@ class Gateway:
         self._restart_expected_ms: int | None = None
         self._stopping = False
         self._manager: pluggy.PluginManager | None = None
+        self._tick_rescheduled = trio.Event()
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -332,7 +333,7 @@ class Gateway:
             payload["restartExpectedMs"] = self._restart_expected_ms
         self.services.events.emit("shutdown", payload)
 
-        grace_s = self._loaded.gateway.limits.shutdown_grace_ms / 1000
+        grace_s = self.config.gateway.limits.shutdown_grace_ms / 1000
         with trio.move_on_after(grace_s):
             for connection in list(self.connections.values()):
                 await connection.idle.wait()
@@ -343,9 +344,14 @@ class Gateway:
                 await trio.sleep(0.01)
 
     async def _tick_loop(self) -> None:
-        interval_s = self._loaded.gateway.limits.tick_interval_ms / 1000
+        """A tick every ``tickIntervalMs``; a changed interval starts a new period at once,
+        so that what new clients read in ``hello-ok.policy`` is what they get."""
         while True:
-            await trio.sleep(interval_s)
+            interval_s = self.config.gateway.limits.tick_interval_ms / 1000
+            self._tick_rescheduled = trio.Event()
+            with trio.move_on_after(interval_s):
+                await self._tick_rescheduled.wait()
+                continue
             self.services.events.emit("tick", {"ts": self.services.clock.now_ms()})
 
     async def _handle(self, stream: trio.SocketStream) -> None:
@@ -360,7 +366,9 @@ class Gateway:
                 await stream.aclose()
 
     async def _serve_stream(self, stream: trio.SocketStream) -> None:
-        limits = self._loaded.gateway.limits
+        # The limits in force now (config may have been replaced since start-up): the same
+        # ones this client's hello-ok will report.
+        limits = self.config.gateway.limits
         ws = ServerWebSocket(stream, max_message_size=limits.max_payload)
         with trio.move_on_after(limits.handshake_timeout_ms / 1000):
             upgrade = await ws.read_upgrade()
@@ -425,6 +433,8 @@ class Gateway:
         return snapshot
 
     def _config_changed(self, changed: list[str]) -> None:
+        if "gateway" in changed:
+            self._tick_rescheduled.set()
         self.call_each("anima_config_changed", services=self.services, changed=changed)
 
     def call_each(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:

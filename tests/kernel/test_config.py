@@ -8,6 +8,7 @@ from typing import Annotated
 
 import msgspec
 import pytest
+import trio
 
 from kernel import (
     READ,
@@ -178,6 +179,30 @@ async def test_replace_reports_gateway_changes_and_ignores_no_change(start_gatew
         document["gateway"] = {"limits": {"tickIntervalMs": 9_000}}
         assert await config.replace(document) == ["gateway"]
     assert watcher.changes == [["gateway"]]
+
+
+async def test_replaced_limits_are_what_new_clients_are_told_and_get(
+    start_gateway, connect, raw_connect
+):
+    async with start_gateway(use_entry_points=False) as gateway:
+        async with connect(gateway) as before:
+            assert before.hello["policy"]["tickIntervalMs"] == 30_000
+            config = gateway.services.config
+            document = config.raw()
+            document["gateway"] = {"limits": {"tickIntervalMs": 50, "maxPayload": 64 * 1024}}
+            assert await config.replace(document) == ["gateway"]
+            # The 30 s period in progress was dropped for the new one.
+            with trio.fail_after(10):
+                await before.next_event("tick")
+
+        async with raw_connect(gateway, scopes=["operator.read"]) as after:
+            assert after.hello["policy"]["tickIntervalMs"] == 50
+            assert after.hello["policy"]["maxPayload"] == 64 * 1024
+            with trio.fail_after(10):
+                await after.event("tick")
+                await after.request("big", "no.such.method", {"pad": "x" * 70_000})
+                closed = await after.closed()
+            assert closed.code == 1009
 
 
 # -- the shared token -----------------------------------------------------------------------------

@@ -240,7 +240,8 @@ async def _devices(args: argparse.Namespace) -> int:
                 request_id = await _expand(client, args.request_id, "pending", "requestId")
                 result = await client.call(f"device.pair.{command}", {"requestId": request_id})
                 device_id = result.get("deviceId") or result["device"]["deviceId"]
-                print(f"{command}d request {request_id} (device {device_id})")
+                verdict = "approved" if command == "approve" else "rejected"
+                print(f"{verdict} request {request_id} (device {device_id})")
             elif command == "rotate":
                 params: dict[str, Any] = {
                     "deviceId": await _expand(client, args.device_id, "paired", "deviceId"),

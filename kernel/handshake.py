@@ -328,7 +328,7 @@ async def _authenticate(
     if limiter is not None:
         scopes = (SHARED_SECRET_SCOPE, DEVICE_TOKEN_SCOPE)
         for scope in scopes if may_be_device_token else scopes[:1]:
-            status = limiter.check(scope, client.ip)
+            status = limiter.check(scope, client.ip, local=client.is_local)
             if not status.allowed:
                 raise _rate_limited(scope, status.retry_after_ms)
 
@@ -349,14 +349,14 @@ async def _authenticate(
             return _Verdict(DEVICE_TOKEN_METHOD, device)
         if check.has_token:
             if limiter is not None and check.counts_as_failure:
-                limiter.record_failure(DEVICE_TOKEN_SCOPE, client.ip)
+                limiter.record_failure(DEVICE_TOKEN_SCOPE, client.ip, local=client.is_local)
             raise _refuse(
                 401, check.reason or "device-token-mismatch", f"unauthorized: {check.message}"
             )
         # The device holds no token for this role, so auth.token was a shared-secret guess
         # (counted as one): say that it failed, and why it was no device token either.
         if limiter is not None and shared.counts_as_failure:
-            limiter.record_failure(SHARED_SECRET_SCOPE, client.ip)
+            limiter.record_failure(SHARED_SECRET_SCOPE, client.ip, local=client.is_local)
         raise _refuse(
             401,
             shared.reason or "unauthorized",
@@ -365,7 +365,7 @@ async def _authenticate(
         )
 
     if limiter is not None and shared.counts_as_failure:
-        limiter.record_failure(SHARED_SECRET_SCOPE, client.ip)
+        limiter.record_failure(SHARED_SECRET_SCOPE, client.ip, local=client.is_local)
     raise _refuse(401, shared.reason or "unauthorized", f"unauthorized: {shared.message}")
 
 

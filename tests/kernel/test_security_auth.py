@@ -235,12 +235,6 @@ async def test_a_role_upgrade_goes_through_pairing_and_gets_its_own_token(
         assert still.ok and still.auth["method"] == "device-token"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernel/handshake.py passes no local= to the limiter, so a loopback relay (a proxy"
-    " or tunnel on this host, not in trustedProxies) is exempt; remove once it passes"
-    " local=client.is_local to check() and record_failure()",
-)
 async def test_a_loopback_relay_is_not_exempt_from_the_lockout(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

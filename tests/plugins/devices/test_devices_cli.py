@@ -12,7 +12,6 @@ import subprocess
 import sys
 from typing import Any
 
-import pytest
 import trio
 from devices_support import Admit, Device
 
@@ -121,11 +120,6 @@ async def test_reject_from_the_shell_leaves_the_device_unpaired(
     assert again.returncode == 1 and "unknown requestId" in err(again)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kernel/cli.py prints f'{command}d request', i.e. 'rejectd'; remove this marker"
-    " once it prints 'rejected'",
-)
 async def test_reject_says_rejected(gateway: Gateway, admit: Admit) -> None:
     request_id = (await admit(Device(), local=False)).request["requestId"]
     rejected = await cli(gateway, "reject", request_id)

@@ -4,7 +4,8 @@ One gateway-wide cache keyed by ``(method, key)``. A repeat while the first requ
 runs waits for it instead of doing the work twice. Outcomes are kept for five minutes and at
 most ``max_entries`` of them, so the cache cannot grow without bound. A request cancelled
 before it finished (its caller went away) leaves nothing behind, and a waiting repeat then
-does the work itself.
+does the work itself. So does a failure that a retry may mend (a back end down, a rate
+limit): replaying it would turn a passing outage into one that lasts five minutes.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ class IdempotencyCache:
         try:
             entry.payload = await work()
         except GatewayError as exc:
-            entry.error = exc
+            if _worth_retrying(exc):
+                del self._entries[key]
+            else:
+                entry.error = exc
             raise
         except BaseException:
             del self._entries[key]
@@ -88,3 +92,10 @@ class IdempotencyCache:
                 entry.finished_at = trio.current_time()
             entry.done.set()
         return entry.payload
+
+
+def _worth_retrying(error: GatewayError) -> bool:
+    """Whether the same request sent again may succeed, so its failure is not the outcome."""
+    if error.retryable is not None:
+        return error.retryable
+    return error.code >= 500 or error.code == 429

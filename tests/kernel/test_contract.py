@@ -168,6 +168,8 @@ class ContractPlugin:
         await self.idem_gate.wait()
         if params.value == "fail":
             raise conflict(f"refused on run {run}")
+        if params.value == "unavailable":
+            raise GatewayError(503, f"back end down on run {run}")
         return {"run": run, "value": params.value}
 
     # -- roles and events --------------------------------------------------------------------
@@ -367,6 +369,17 @@ async def test_a_failure_is_replayed_for_the_same_key(contract_gateway, connect,
             errors.append((failed.value.code, failed.value.message))
     assert errors == [(409, "refused on run 1")] * 2
     assert plugin.idem_runs == 1
+
+
+async def test_a_failure_a_retry_may_mend_is_not_replayed(contract_gateway, connect, plugin):
+    async with connect(contract_gateway) as client:
+        with pytest.raises(GatewayError) as failed:
+            await client.call("idem.do", {"idempotencyKey": "k5", "value": "unavailable"})
+        assert failed.value.code == 503
+        retried = await client.call("idem.do", {"idempotencyKey": "k5", "value": "ok"})
+        again = await client.call("idem.do", {"idempotencyKey": "k5", "value": "ok"})
+    assert retried == again == {"run": 2, "value": "ok"}
+    assert plugin.idem_runs == 2
 
 
 # -- the node role ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import GatewayConfig, RateLimitConfig
+from .config import AuthMode, GatewayConfig, RateLimitConfig
 from .frames import ConnectParams
 from .locality import ClientAddress, is_loopback
 from .ratelimit import AuthRateLimiter
@@ -75,7 +75,10 @@ class SharedSecretAuth:
 
     def __init__(self, config: GatewayConfig, state_dir: Path) -> None:
         auth = config.auth
-        self.mode = auth.mode
+        env_password = os.environ.get("ANIMA_GATEWAY_PASSWORD")
+        self.mode: AuthMode = auth.mode or (
+            "password" if env_password or auth.password else "token"
+        )
         self.token: str | None = None
         self.password: str | None = None
         self.token_file: Path | None = None
@@ -87,7 +90,7 @@ class SharedSecretAuth:
                 self.token, self.token_generated = _load_or_make_token(state_dir)
                 self.token_file = state_dir / TOKEN_FILE_NAME
         elif self.mode == "password":
-            self.password = os.environ.get("ANIMA_GATEWAY_PASSWORD") or auth.password
+            self.password = env_password or auth.password
             if not self.password:
                 raise StartupRefused(
                     "gateway.auth.mode is password but no password is set"

@@ -64,8 +64,12 @@ class TrustedProxyConfig(_Section):
     allow_users: list[str] = msgspec.field(default_factory=list)
 
 
+AuthMode = Literal["token", "password", "none", "trusted-proxy"]
+
+
 class AuthConfig(_Section):
-    mode: Literal["token", "password", "none", "trusted-proxy"] = "token"
+    #: Unset means ``password`` when a password is configured, else ``token`` (PROTOCOL.md A8).
+    mode: AuthMode | None = None
     token: str | None = None
     password: str | None = None
     rate_limit: RateLimitConfig = msgspec.field(default_factory=RateLimitConfig)

@@ -141,6 +141,50 @@ async def test_the_password_from_the_environment_wins(
         assert refused.error["details"]["authReason"] == "password-mismatch"
 
 
+@pytest.mark.parametrize(
+    ("auth", "env_password", "mode"),
+    [
+        (AuthConfig(), None, "token"),
+        (AuthConfig(password="in the file"), None, "password"),
+        (AuthConfig(), "in the environment", "password"),
+        (AuthConfig(token="a token", password="in the file"), None, "password"),
+        (AuthConfig(mode="token", password="in the file"), None, "token"),
+    ],
+)
+def test_an_unset_mode_is_password_when_a_password_is_set_else_token(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    auth: AuthConfig,
+    env_password: str | None,
+    mode: str,
+) -> None:
+    """PROTOCOL.md A8: an explicit mode wins; else a configured password means password mode."""
+    monkeypatch.delenv("ANIMA_GATEWAY_PASSWORD", raising=False)
+    if env_password is not None:
+        monkeypatch.setenv("ANIMA_GATEWAY_PASSWORD", env_password)
+
+    resolved = SharedSecretAuth(GatewayConfig(auth=auth), tmp_path)
+
+    assert resolved.mode == mode
+
+
+async def test_a_password_in_the_file_alone_is_what_clients_must_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ANIMA_GATEWAY_PASSWORD", raising=False)
+    write_config(tmp_path, '[gateway.auth]\npassword = "from the file"\n')
+    async with running(tmp_path) as gw:
+
+        async def with_password(password: str) -> Attempt:
+            async with raw_connect(
+                gw.port, lambda challenge: connect_params(password=password, scopes=[READ])
+            ) as attempt:
+                return attempt
+
+        assert (await with_password("from the file")).ok
+        assert (await with_password("a guess")).error["code"] == 401
+
+
 # -- device identity: a PEM key is the same device as its raw form --------------------------------
 
 

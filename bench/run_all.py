@@ -420,12 +420,12 @@ def wait_until_quiet(servers: list[ServerProcess]) -> str | None:
     """
     deadline = time.monotonic() + QUIET_WAIT_LIMIT_S
     while True:
-        servers_before = {server.name: _cpu_seconds(server.pid) for server in servers}
+        servers_before = {server.pid: _cpu_seconds(server.pid) for server in servers}
         machine_before = _machine_busy_seconds()
         time.sleep(QUIET_SAMPLE_S)
         busy = []
         for server in servers:
-            start, end = servers_before[server.name], _cpu_seconds(server.pid)
+            start, end = servers_before[server.pid], _cpu_seconds(server.pid)
             if start is not None and end is not None:
                 share = (end - start) / QUIET_SAMPLE_S
                 if share > QUIET_CPU_SHARE:
@@ -562,6 +562,9 @@ class Bench:
         """Each commit of ``settings.history`` once per history scenario, then this tree."""
         chosen = [s for s in scenarios(self.settings) if s.key in HISTORY_SCENARIOS]
         print("what each change gave", flush=True)
+        # The main runs are over: their servers would only sit beside the ones measured now.
+        for server in self._servers.values():
+            server.stop()
         for rev in self.settings.history:
             try:
                 revision = describe(rev)

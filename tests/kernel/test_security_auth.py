@@ -123,21 +123,22 @@ def test_mode_none_needs_a_loopback_listen_address(
             SharedSecretAuth(config, tmp_path)
 
 
+async def _with_password(port: int, password: str) -> Attempt:
+    """A plain-JSON connect that presents ``password``."""
+    async with raw_connect(
+        port, lambda challenge: connect_params(password=password, scopes=[READ])
+    ) as attempt:
+        return attempt
+
+
 async def test_the_password_from_the_environment_wins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ANIMA_GATEWAY_PASSWORD", "from the environment")
     write_config(tmp_path, '[gateway.auth]\nmode = "password"\npassword = "from the file"\n')
     async with running(tmp_path) as gw:
-
-        async def with_password(password: str) -> Attempt:
-            async with raw_connect(
-                gw.port, lambda challenge: connect_params(password=password, scopes=[READ])
-            ) as attempt:
-                return attempt
-
-        assert (await with_password("from the environment")).ok
-        refused = await with_password("from the file")
+        assert (await _with_password(gw.port, "from the environment")).ok
+        refused = await _with_password(gw.port, "from the file")
         assert refused.error["details"]["authReason"] == "password-mismatch"
 
 
@@ -174,15 +175,8 @@ async def test_a_password_in_the_file_alone_is_what_clients_must_send(
     monkeypatch.delenv("ANIMA_GATEWAY_PASSWORD", raising=False)
     write_config(tmp_path, '[gateway.auth]\npassword = "from the file"\n')
     async with running(tmp_path) as gw:
-
-        async def with_password(password: str) -> Attempt:
-            async with raw_connect(
-                gw.port, lambda challenge: connect_params(password=password, scopes=[READ])
-            ) as attempt:
-                return attempt
-
-        assert (await with_password("from the file")).ok
-        assert (await with_password("a guess")).error["code"] == 401
+        assert (await _with_password(gw.port, "from the file")).ok
+        assert (await _with_password(gw.port, "a guess")).error["code"] == 401
 
 
 # -- device identity: a PEM key is the same device as its raw form --------------------------------

@@ -230,17 +230,22 @@ class Gateway:
         )
         self.services.provide("devices", self.devices)
 
-    def _start_plugins(self, nursery: trio.Nursery) -> GatewayStartupError | None:
+    async def _start_plugins(self, background: trio.Nursery) -> GatewayStartupError | None:
         """Run every ``anima_startup``; return the error when a required plugin fails.
+
+        Each plugin gets a nursery of its own inside ``background``, so that the tasks a
+        plugin started before its start-up raised end with it when it is left out.
 
         Returned rather than raised: raised inside the background nursery it would reach the
         caller wrapped in an exception group instead of as the ``GatewayStartupError`` it is.
         """
         required = self._loaded.required
         for impl in self.manager.hook.anima_startup.get_hookimpls():
+            nursery: trio.Nursery = await background.start(_nursery_until_cancelled)
             try:
                 impl.function(**_subset(impl, services=self.services, nursery=nursery))
             except Exception as exc:
+                nursery.cancel_scope.cancel()
                 if impl.plugin_name in required:
                     error = GatewayStartupError(
                         f"required plugin {impl.plugin_name} failed to start: {exc}"
@@ -248,8 +253,6 @@ class Gateway:
                     error.__cause__ = exc
                     return error
                 logger.exception("plugin %s failed to start and is left out", impl.plugin_name)
-                # TODO(startup isolation): tasks the plugin started before raising keep
-                # running until shutdown; give each plugin its own nursery to cancel them.
                 self._leave_out(impl.plugin_name, f"anima_startup: {exc}")
         return None
 
@@ -286,7 +289,7 @@ class Gateway:
             async with trio.open_nursery() as background:
                 self.services.nursery = background
                 self.jobs.attach(background)
-                failure = self._start_plugins(background)
+                failure = await self._start_plugins(background)
                 if failure is None:
                     background.start_soon(self._tick_loop)
                     await self._serve_clients(listeners, task_status)
@@ -446,6 +449,15 @@ class Gateway:
             except Exception:
                 logger.exception("plugin %s: %s raised", impl.plugin_name, hook)
         return results
+
+
+async def _nursery_until_cancelled(
+    *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Hand out a nursery that stays open, with or without tasks, until it is cancelled."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
 
 
 def _subset(impl: Any, **kwargs: Any) -> dict[str, Any]:

@@ -132,10 +132,11 @@ def anima_startup(services: Services, nursery: trio.Nursery) -> None:
 
     Start background work (schedulers, heartbeats, watchers) with ``nursery.start_soon``; the
     nursery lives until shutdown and is cancelled then. A plugin whose start-up raises is
-    reported and left out, unless its config marks it ``required``.
+    reported and left out, unless its config marks it ``required``, and the tasks it started
+    are cancelled.
 
     :param services: the kernel's services (config, store, events, jobs, connections, clock).
-    :param nursery: where background tasks run.
+    :param nursery: this plugin's own nursery for background tasks.
     """
 
 

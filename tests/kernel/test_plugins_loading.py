@@ -11,6 +11,7 @@ from typing import Annotated
 
 import msgspec
 import pytest
+import trio
 
 from kernel import (
     READ,
@@ -69,6 +70,29 @@ class FailingStartup(MethodPlugin):
     @hookimpl
     def anima_startup(self):
         raise RuntimeError("cannot reach its back end")
+
+
+class BackgroundWork(MethodPlugin):
+    """Starts a task that runs until it is cancelled; ``fail`` then makes start-up raise."""
+
+    def __init__(self, name: str, *, fail: bool) -> None:
+        super().__init__(name)
+        self.fail = fail
+        self.task_running = False
+        self.task_ended = False
+
+    @hookimpl
+    def anima_startup(self, nursery):
+        nursery.start_soon(self._work)
+        if self.fail:
+            raise RuntimeError("gave up half-way")
+
+    async def _work(self) -> None:
+        self.task_running = True
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.task_running, self.task_ended = False, True
 
 
 class FailingDeclaration:
@@ -231,6 +255,19 @@ async def test_plugin_whose_startup_raises_is_left_out_and_the_rest_starts(start
             with pytest.raises(GatewayError) as missing:
                 await client.call("flaky.ping")
     assert missing.value.code == 404
+
+
+async def test_tasks_of_a_plugin_left_out_end_and_the_others_run_on(start_gateway, connect):
+    flaky = BackgroundWork("flaky.ping", fail=True)
+    steady = BackgroundWork("steady.ping", fail=False)
+    async with start_gateway(plugins={"flaky": flaky, "steady": steady}) as gateway:
+        async with connect(gateway) as client:
+            # One round trip: every task started at start-up has had its turn by now.
+            assert await client.call("steady.ping") == {"from": "steady.ping"}
+        assert _info(gateway, "flaky").state == "failed"
+        assert flaky.task_ended and not flaky.task_running
+        assert steady.task_running and not steady.task_ended
+    assert steady.task_ended
 
 
 async def test_required_plugin_whose_startup_raises_stops_start_up(start_gateway):

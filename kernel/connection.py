@@ -92,7 +92,11 @@ class Connection:
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[bytes](
             _WRITE_QUEUE_FRAMES
         )
-        self._requests_send, self._requests_receive = trio.open_memory_channel[RequestFrame](0)
+        # Made with the first worker: most connections only ever call quick methods.
+        self._requests: (
+            tuple[trio.MemorySendChannel[RequestFrame], trio.MemoryReceiveChannel[RequestFrame]]
+            | None
+        ) = None
         self._nursery: trio.Nursery | None = None
         self._close_code: int | None = None
         self._close_reason = ""
@@ -254,24 +258,29 @@ class Connection:
             # cost more than the handler itself.
             await self._serve(frame)
             return
+        if self._requests is None:
+            self._requests = trio.open_memory_channel[RequestFrame](0)
+        requests_send, requests_receive = self._requests
         try:
-            self._requests_send.send_nowait(frame)
+            requests_send.send_nowait(frame)
             return
         except trio.WouldBlock:
             pass
         if self._workers < self._max_workers:
             self._workers += 1
             assert self._nursery is not None
-            self._nursery.start_soon(self._worker, frame)
+            self._nursery.start_soon(self._worker, frame, requests_receive)
         else:
-            await self._requests_send.send(frame)
+            await requests_send.send(frame)
 
-    async def _worker(self, first: RequestFrame) -> None:
+    async def _worker(
+        self, first: RequestFrame, requests: trio.MemoryReceiveChannel[RequestFrame]
+    ) -> None:
         frame: RequestFrame | None = first
         while frame is not None:
             await self._serve(frame)
             try:
-                frame = await self._requests_receive.receive()
+                frame = await requests.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 frame = None
 

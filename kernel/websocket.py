@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -94,7 +94,7 @@ class ServerWebSocket:
 
     def __init__(self, stream: trio.SocketStream, *, max_message_size: int) -> None:
         self._stream = stream
-        self._ws = WSConnection(ConnectionType.SERVER)
+        self._ws: WSConnection | Connection = WSConnection(ConnectionType.SERVER)
         self._max_message_size = max_message_size
         self._send_lock = trio.StrictFIFOLock()
         self._parts: list[str | bytes] = []
@@ -145,6 +145,10 @@ class ServerWebSocket:
 
     async def accept(self) -> None:
         await self._send_bytes(self._ws.send(AcceptConnection()))
+        # From here on only the WebSocket connection is needed: dropping the HTTP handshake
+        # state (an h11 connection and its buffers) makes every idle connection smaller.
+        if self._ws.connection is not None:
+            self._ws = self._ws.connection
 
     async def reject(self, status: int, body: bytes) -> None:
         """Answer the upgrade with a plain HTTP error and close."""

@@ -215,23 +215,32 @@ class Connection:
                 if self._discard_outbox:
                     self.buffered_bytes -= len(first)
                     continue
-                batch, size = [first], len(first)
-                while size < _WRITE_BATCH_BYTES:
-                    try:
-                        frame = outbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batch.append(frame)
-                    size += len(frame)
-                self.buffered_bytes -= size
-                try:
-                    await self.ws.send_frames(batch)
-                except WebSocketClosed:
+                sent = await self._send_batch(first)
+                # Unbound before the next wait, or an idle connection keeps its last frame.
+                del first
+                if not sent:
                     self.close_soon(CLOSE_NORMAL, "")
                     return
         # The queue was closed (close_soon) and is now sent or dropped: stop the reader too.
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
+
+    async def _send_batch(self, first: bytes) -> bool:
+        """Write ``first`` and whatever else is queued, in one write; False once closed."""
+        batch, size = [first], len(first)
+        while size < _WRITE_BATCH_BYTES:
+            try:
+                frame = self._outbox_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            batch.append(frame)
+            size += len(frame)
+        self.buffered_bytes -= size
+        try:
+            await self.ws.send_frames(batch)
+        except WebSocketClosed:
+            return False
+        return True
 
     async def _read_loop(self) -> None:
         assert self._nursery is not None

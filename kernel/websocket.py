@@ -207,7 +207,9 @@ class ServerWebSocket:
         if len(parts) == 1:
             return parts[0]
         # Fragments of one message share a type.
-        return b"".join(parts) if isinstance(parts[0], bytes) else "".join(parts)  # type: ignore[arg-type]
+        if isinstance(parts[0], bytes):
+            return b"".join(parts)  # type: ignore[arg-type]
+        return "".join(parts)  # type: ignore[arg-type]
 
     async def send_message(self, message: str) -> None:
         await self.send_frames((message.encode(),))

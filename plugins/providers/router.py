@@ -153,7 +153,10 @@ class ModelRouter:
             key = plugin.keys.active(name)
             if key is None:
                 raise ProviderError("auth", f"provider {name} has no enabled API key")
-        model_messages = [ModelMessage(m["role"], m["content"]) for m in messages]  # type: ignore[arg-type]
+        model_messages = [
+            ModelMessage(m["role"], m["content"])  # type: ignore[arg-type]
+            for m in messages
+        ]
         retried = False
         with plugin.using(provider):
             while True:

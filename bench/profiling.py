@@ -23,7 +23,7 @@ RUNNER = BENCH_DIR / "gateway_runner.py"
 # The last commit before the speed work of issue 4; "before" in RESULTS.md means this one.
 BEFORE_SPEED_WORK = "05a9ecd"
 # The commits that changed speed or memory, oldest first; each row of "what each change gave".
-SPEED_COMMITS = ("05a9ecd", "07a3260", "e5abb1b", "35fd68e", "a6648d0")
+SPEED_COMMITS = ("05a9ecd", "07a3260", "e5abb1b", "35fd68e", "a6648d0", "5fcc355", "4b7632d")
 
 
 @dataclass(frozen=True)
